@@ -1,0 +1,245 @@
+"""Vision Transformer in Flax linen (Dosovitskiy et al. 2020), twin of torchvit/model.py.
+
+Images are channels-last, (B, H, W, C), as is usual in JAX. The two files line up block
+for block: same classes, same order, same names, same intermediate keys.
+
+  z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos           (eq. 1)  -> ViT.embed
+  z'_l = MSA(LN(z_{l-1})) + z_{l-1}                        (eq. 2)  -> Block
+  z_l = MLP(LN(z'_l)) + z'_l                               (eq. 3)  -> Block
+  y = LN(z_L^0)                                            (eq. 4)  -> ViT.norm, pooling
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from parity.config import ViTConfig
+
+Array = jax.Array
+
+
+# ---- patchify ----------------------------------------------------------------------
+def patchify(images: Array, patch_size: int) -> Array:
+    """(B, H, W, C) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c)  # (B, h, p1, w, p2, C)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p1, p2, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p1*p2*C)
+
+
+def unpatchify(patches: Array, patch_size: int, height: int, width: int) -> Array:
+    """Inverse of patchify: (B, N, p*p*C) -> (B, H, W, C)."""
+    b, n, d = patches.shape
+    p = patch_size
+    c = d // (p * p)
+    x = patches.reshape(b, height // p, width // p, p, p, c)  # (B, h, w, p1, p2, C)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, p1, w, p2, C)
+    return x.reshape(b, height, width, c)
+
+
+def patchify_naive(images: Array, patch_size: int) -> Array:
+    """The same as `patchify`, one patch at a time in Python: slow on purpose, obviously right."""
+    b, h, w, c = images.shape
+    p = patch_size
+    patches = []
+    for row in range(h // p):
+        for col in range(w // p):
+            patch = images[:, row * p:(row + 1) * p, col * p:(col + 1) * p, :]  # (B, p, p, C)
+            patches.append(patch.reshape(b, p * p * c))
+    return jnp.stack(patches, axis=1)  # (B, N, p*p*C)
+
+
+# ---- position encodings ------------------------------------------------------------
+def sincos1d(num_tokens: int, width: int) -> Array:
+    """The Transformer's table over the token index: [sin(t w_i), cos(t w_i)] interleaved."""
+    position = jnp.arange(num_tokens, dtype=jnp.float32)[:, None]  # (T, 1)
+    omega = 1.0 / 10000.0 ** (jnp.arange(0, width, 2, dtype=jnp.float32) / width)  # (D/2,)
+    angle = position * omega[None, :]  # (T, D/2)
+    table = jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1)  # (T, D/2, 2)
+    return table.reshape(num_tokens, width)  # (T, D): even dims sin, odd dims cos
+
+
+def sincos2d(grid: tuple[int, int], width: int) -> Array:
+    """big_vision's 2-D table: [sin(x w), cos(x w), sin(y w), cos(y w)] per patch."""
+    rows, cols = grid
+    y, x = jnp.meshgrid(jnp.arange(rows, dtype=jnp.float32),
+                        jnp.arange(cols, dtype=jnp.float32), indexing="ij")  # (rows, cols)
+    omega = 1.0 / 10000.0 ** (jnp.arange(width // 4, dtype=jnp.float32) / (width // 4))
+    x = x.reshape(-1)[:, None] * omega[None, :]  # (N, D/4)
+    y = y.reshape(-1)[:, None] * omega[None, :]  # (N, D/4)
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)  # (N, D)
+
+
+def fixed_posemb(config: ViTConfig) -> Array:
+    """The fixed table added to the tokens, (T, D); the class token's row is zero for sincos2d."""
+    if config.posemb == "sincos1d":
+        return sincos1d(config.num_tokens, config.width)
+    table = sincos2d(config.grid, config.width)  # (N, D)
+    if config.pool == "cls":
+        table = jnp.concatenate([jnp.zeros((1, config.width)), table], axis=0)  # (1+N, D)
+    return table
+
+
+# ---- blocks ------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
+        self.qkv = nn.Dense(3 * c.width, use_bias=c.qkv_bias, **dense)
+        self.proj = nn.Dense(c.width, **dense)
+        self.attn_drop = nn.Dropout(c.attn_dropout)
+        self.proj_drop = nn.Dropout(c.dropout)
+
+    def __call__(self, x: Array, *, train: bool, capture: bool) -> tuple[Array, Array | None]:
+        c = self.config
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
+        weights = None
+        if capture or (train and c.attn_dropout > 0):
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * c.head_dim ** -0.5  # (B, H, T, T)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # (B, H, T, T)
+            dropped = self.attn_drop(weights, deterministic=not train).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)  # (B, T, H, hd)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v)  # (B, T, H, hd), fp32 softmax inside
+        out = self.proj(out.reshape(b, t, d))  # (B, T, D)
+        return self.proj_drop(out, deterministic=not train), weights
+
+
+class Mlp(nn.Module):
+    """Two dense layers with a GELU between them."""
+
+    config: ViTConfig
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                     bias_init=nn.initializers.normal(1e-6))
+        self.fc1 = nn.Dense(c.mlp_dim, **dense)
+        self.fc2 = nn.Dense(c.width, **dense)
+        self.drop = nn.Dropout(c.dropout)
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        x = nn.gelu(self.fc1(x), approximate=not self.config.gelu_exact)  # (B, T, M)
+        x = self.drop(x, deterministic=not train)
+        return self.drop(self.fc2(x), deterministic=not train)  # (B, T, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, scale the kept ones."""
+
+    rate: float
+
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1))
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block, eq. 2-3: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    config: ViTConfig
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        # LayerNorm runs in float32 whatever the compute dtype.
+        self.norm1 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
+        self.attn = Attention(c, dtype=self.dtype)
+        self.norm2 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
+        self.mlp = Mlp(c, dtype=self.dtype)
+        self.drop_path = DropPath(self.drop_path_rate)
+
+    def __call__(self, x: Array, *, train: bool, capture: bool) -> tuple[Array, Array | None]:
+        y, weights = self.attn(self.norm1(x), train=train, capture=capture)
+        x = x + self.drop_path(y, train=train)  # (B, T, D)
+        x = x + self.drop_path(self.mlp(self.norm2(x), train=train), train=train)
+        return x, weights
+
+
+class ViT(nn.Module):
+    """The whole model: patchify, embed, L blocks, final norm, pool, head.
+
+    `model.apply(variables, images)` gives logits (B, K); with `capture=True` it gives
+    `(logits, out)`, `out` a dict of named intermediates (keys listed in `INTERMEDIATES`).
+    """
+
+    config: ViTConfig
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    def setup(self) -> None:
+        c = self.config
+        self.patch_embed = nn.Dense(c.width, dtype=self.dtype,
+                                    kernel_init=nn.initializers.xavier_uniform())
+        if c.pool == "cls":
+            self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, c.width))
+        if c.posemb == "learned":
+            self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
+                                        (1, c.num_tokens, c.width))
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype) for r in rates]
+        self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
+        self.head = nn.Dense(c.num_classes, kernel_init=nn.initializers.zeros)
+
+    def posemb_table(self) -> Array:
+        """E_pos, (1, T, D)."""
+        if self.config.posemb == "learned":
+            return self.pos_embed
+        return fixed_posemb(self.config)[None]
+
+    def embed(self, images: Array, out: dict[str, Array], *, train: bool) -> Array:
+        """Eq. 1: (B, H, W, C) -> z0 (B, T, D)."""
+        c = self.config
+        patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+        x = self.patch_embed(patches)  # (B, N, D)
+        out["patches"], out["stem"] = patches, x
+        if c.pool == "cls":
+            cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, c.width)).astype(x.dtype)
+            x = jnp.concatenate([cls, x], axis=1)  # (B, 1+N, D)
+        x = x + self.posemb_table().astype(x.dtype)  # (B, T, D)
+        out["with_posemb"] = x
+        return self.pos_drop(x, deterministic=not train)
+
+    def __call__(self, images: Array, *, train: bool = False,
+                 capture: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+        out: dict[str, Array] = {}
+        x = self.embed(images, out, train=train)
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, train=train, capture=capture)
+            out[f"blocks.{i}"] = x
+            if weights is not None:
+                out[f"blocks.{i}.attn"] = weights  # (B, H, T, T)
+        x = self.norm(x)  # (B, T, D)
+        out["encoded"] = x
+        x = x[:, 0] if self.config.pool == "cls" else x.mean(axis=1)  # (B, D)
+        out["pooled"] = x
+        logits = self.head(x).astype(jnp.float32)  # (B, K)
+        out["logits"] = logits
+        return (logits, out) if capture else logits
+
+
+INTERMEDIATES = ("patches", "stem", "with_posemb", "blocks.{i}", "blocks.{i}.attn",
+                 "encoded", "pooled", "logits")
+
+
+def init_params(config: ViTConfig, seed: int = 0) -> dict[str, Any]:
+    """Fresh float32 parameters (the Flax-side init; the torch twin uses the same laws)."""
+    images = jnp.zeros((1, config.image_height, config.image_width, config.channels))
+    return ViT(config).init(jax.random.PRNGKey(seed), images)["params"]

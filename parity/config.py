@@ -1,0 +1,155 @@
+"""The one framework-neutral ViT config, and the table of named presets.
+
+Imports neither jax nor torch: both twins, the converters and the trainers read
+the same frozen dataclass, so a run is described by one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+PosEmb = Literal["sincos1d", "sincos2d", "learned"]
+Pool = Literal["cls", "gap"]
+
+
+class ConfigError(ValueError):
+    """A config value or field that cannot describe a ViT."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes the function a ViT computes (and its weight shapes).
+
+    Dosovitskiy et al. 2020, eq. 1-4:
+      z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos
+      z'_l = MSA(LN(z_{l-1})) + z_{l-1}
+      z_l = MLP(LN(z'_l)) + z'_l
+      y = LN(z_L^0)
+    """
+
+    image_height: int = 28
+    image_width: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    width: int = 64  # D, the token dimension
+    depth: int = 4  # L, number of encoder blocks
+    num_heads: int = 4
+    mlp_ratio: float = 2.0  # MLP hidden = round(width * mlp_ratio)
+    num_classes: int = 10
+    posemb: PosEmb = "learned"
+    pool: Pool = "cls"
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block; linear from 0 at the first
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    gelu_exact: bool = True  # erf GELU; False uses the tanh approximation
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols)."""
+        return self.image_height // self.patch_size, self.image_width // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length seen by the encoder: the patches, plus one class token."""
+        return self.num_patches + (1 if self.pool == "cls" else 0)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch, in (p1 p2 c) order."""
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.width * self.mlp_ratio))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    # ---- checks at the boundary ----------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in ("image_height", "image_width", "channels", "patch_size", "width",
+                     "depth", "num_heads", "num_classes"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(self.image_height % self.patch_size == 0 and self.image_width % self.patch_size == 0,
+             f"image size {self.image_height}x{self.image_width} is not divisible by "
+             f"patch_size {self.patch_size}")
+        need(self.width % self.num_heads == 0,
+             f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        need(self.posemb in ("sincos1d", "sincos2d", "learned"),
+             f"posemb must be one of sincos1d, sincos2d, learned; got {self.posemb!r}")
+        need(self.pool in ("cls", "gap"), f"pool must be 'cls' or 'gap', got {self.pool!r}")
+        if self.posemb == "sincos1d":
+            need(self.width % 2 == 0, f"posemb sincos1d needs an even width, got {self.width}")
+        if self.posemb == "sincos2d":
+            need(self.width % 4 == 0,
+                 f"posemb sincos2d needs a width divisible by 4, got {self.width}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            value = getattr(self, name)
+            need(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
+        need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
+
+    # ---- (de)serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; "
+                              f"known fields are: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+# Named presets. Sizes in the "Ti"/"S" rows follow the ViT family of Touvron et al. 2021
+# (DeiT) and Steiner et al. 2021 ("How to train your ViT"), scaled down to 28x28 digits.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: for tests and smoke runs only.
+    "tiny": dict(patch_size=7, width=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    # The CPU default for training on Digit Recognizer.
+    "small": dict(patch_size=4, width=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    # The reference config of the speed comparison (a ViT-Ti/4): the GPU default.
+    "base": dict(patch_size=4, width=192, depth=6, num_heads=3, mlp_ratio=4.0),
+    # The accuracy recipe's model (issue: accuracy); ViT-Ti/4 with stochastic depth.
+    "kaggle": dict(patch_size=4, width=192, depth=6, num_heads=3, mlp_ratio=4.0,
+                   drop_path=0.1),
+}
+
+
+def preset(name: str, **overrides: Any) -> ViTConfig:
+    """The named preset's config, with any field overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ViTConfig().replace(**{**PRESETS[name], **overrides})

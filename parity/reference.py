@@ -1,0 +1,54 @@
+"""NumPy references for the parts both twins must compute identically.
+
+Written in the plainest form (loops, no clever reshapes) so they can be checked by eye.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """(B, H, W, C) -> (B, N, p*p*C): patches row by row, each flattened as (p1, p2, c)."""
+    b, h, w, c = images.shape
+    p = patch_size
+    out = np.empty((b, (h // p) * (w // p), p * p * c), images.dtype)
+    n = 0
+    for row in range(h // p):
+        for col in range(w // p):
+            out[:, n] = images[:, row * p:(row + 1) * p, col * p:(col + 1) * p, :].reshape(b, -1)
+            n += 1
+    return out
+
+
+def sincos1d(num_tokens: int, width: int) -> np.ndarray:
+    """PE[t, 2i] = sin(t / 10000^(2i/D)), PE[t, 2i+1] = cos(t / 10000^(2i/D))  (Vaswani et al.)."""
+    table = np.zeros((num_tokens, width), np.float64)
+    for t in range(num_tokens):
+        for i in range(0, width, 2):
+            angle = t / 10000.0 ** (i / width)
+            table[t, i] = np.sin(angle)
+            table[t, i + 1] = np.cos(angle)
+    return table.astype(np.float32)
+
+
+def sincos2d(rows: int, cols: int, width: int) -> np.ndarray:
+    """big_vision's posemb_sincos_2d: per patch (y, x), [sin(x w), cos(x w), sin(y w), cos(y w)]."""
+    quarter = width // 4
+    omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+    table = np.zeros((rows * cols, width), np.float64)
+    for y in range(rows):
+        for x in range(cols):
+            table[y * cols + x] = np.concatenate(
+                [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+    return table.astype(np.float32)
+
+
+def posemb(config) -> np.ndarray:
+    """The fixed table in use, (T, D), with a zero row for the class token under sincos2d."""
+    if config.posemb == "sincos1d":
+        return sincos1d(config.num_tokens, config.width)
+    table = sincos2d(*config.grid, config.width)
+    if config.pool == "cls":
+        table = np.concatenate([np.zeros((1, config.width), np.float32), table])
+    return table

@@ -1,0 +1,147 @@
+"""Each twin on its own: shapes, finiteness, gradients reach every parameter, jit, patchify."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxvit import model as jm
+from parity import weights as W
+from parity.config import PRESETS, ConfigError, ViTConfig, preset
+from torchvit import model as tm
+
+CONFIGS = {
+    "tiny-cls-learned": preset("tiny"),
+    "p4-gap-sincos2d-nonsquare": preset("tiny", patch_size=4, image_height=16, image_width=28,
+                                        pool="gap", posemb="sincos2d"),
+    "p2-cls-sincos1d-dropouts": preset("tiny", patch_size=2, image_height=8, image_width=8,
+                                       posemb="sincos1d", dropout=0.1, attn_dropout=0.1,
+                                       drop_path=0.2),
+}
+
+
+def _x(config, batch=3):
+    shape = (batch, config.image_height, config.image_width, config.channels)
+    return np.random.default_rng(0).random(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flax_model_shapes_finite_and_every_param_gets_gradient(name):
+    c = CONFIGS[name]
+    model = jm.ViT(c)
+    params = W.canonical_to_flax(W.random_canonical(c, 0), c)
+    logits, out = model.apply({"params": params}, jnp.asarray(_x(c)), capture=True)
+    assert logits.shape == (3, c.num_classes)
+    assert out["patches"].shape == (3, c.num_patches, c.patch_dim)
+    assert out["with_posemb"].shape == (3, c.num_tokens, c.width)
+    assert out[f"blocks.{c.depth - 1}.attn"].shape == (3, c.num_heads, c.num_tokens, c.num_tokens)
+    assert out["pooled"].shape == (3, c.width)
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
+    np.testing.assert_allclose(out["blocks.0.attn"].sum(-1), 1.0, atol=1e-5)
+
+    def loss(p):
+        lg = model.apply({"params": p}, jnp.asarray(_x(c)), train=True,
+                         rngs={"dropout": jax.random.PRNGKey(1)})
+        return -jax.nn.log_softmax(lg)[:, 0].mean()
+
+    grads = W.flax_to_canonical(jax.grad(loss)(params))
+    dead = [n for n, g in grads.items() if not np.any(g != 0)]
+    assert not dead, f"no gradient reached {dead}"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_torch_model_shapes_finite_and_every_param_gets_gradient(name):
+    c = CONFIGS[name]
+    torch.manual_seed(0)
+    model = tm.ViT(c)
+    model.load_state_dict(W.canonical_to_torch(W.random_canonical(c, 0), c))
+    x = torch.from_numpy(_x(c)).permute(0, 3, 1, 2)
+    model.eval()
+    logits, out = model(x, capture=True)
+    assert logits.shape == (3, c.num_classes)
+    assert out["patches"].shape == (3, c.num_patches, c.patch_dim)
+    assert out["with_posemb"].shape == (3, c.num_tokens, c.width)
+    assert out[f"blocks.{c.depth - 1}.attn"].shape == (3, c.num_heads, c.num_tokens, c.num_tokens)
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    model.train()
+    (-model(x).log_softmax(-1)[:, 0].mean()).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead, f"no gradient reached {dead}"
+
+
+def test_fresh_inits_have_the_canonical_names_and_shapes_in_both_frameworks():
+    for c in CONFIGS.values():
+        W.check(W.flax_to_canonical(jm.init_params(c, 0)), c)
+        W.check(W.torch_to_canonical(tm.ViT(c).state_dict()), c)
+
+
+def test_flax_jit_and_eager_agree():
+    c = CONFIGS["p4-gap-sincos2d-nonsquare"]
+    model = jm.ViT(c)
+    params = W.canonical_to_flax(W.random_canonical(c, 0), c)
+    x = jnp.asarray(_x(c))
+    eager = model.apply({"params": params}, x)
+    jitted = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5)
+
+
+def test_torch_dropout_only_in_train_mode():
+    c = CONFIGS["p2-cls-sincos1d-dropouts"]
+    model = tm.ViT(c)
+    model.load_state_dict(W.canonical_to_torch(W.random_canonical(c, 0), c))
+    x = torch.from_numpy(_x(c)).permute(0, 3, 1, 2)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+def test_flax_dropout_only_in_train_mode():
+    c = CONFIGS["p2-cls-sincos1d-dropouts"]
+    model = jm.ViT(c)
+    params = W.canonical_to_flax(W.random_canonical(c, 0), c)
+    x = jnp.asarray(_x(c))
+    a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model.apply({"params": params}, x),
+                                  model.apply({"params": params}, x))
+
+
+@pytest.mark.parametrize("p,h,w,ch", [(2, 8, 6, 1), (4, 28, 28, 1), (7, 28, 21, 3)])
+def test_patchify_then_unpatchify_gives_back_the_image(p, h, w, ch):
+    x = np.random.default_rng(0).random((2, h, w, ch), dtype=np.float32)
+    back = jm.unpatchify(jm.patchify(jnp.asarray(x), p), p, h, w)
+    np.testing.assert_array_equal(back, x)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    assert torch.equal(tm.unpatchify(tm.patchify(xt, p), p, h, w), xt)
+
+
+def test_every_preset_builds_and_presets_table_is_complete():
+    assert {"tiny", "small", "base", "kaggle"} <= set(PRESETS)
+    for name in PRESETS:
+        preset(name)
+
+
+@pytest.mark.parametrize("changes,words", [
+    (dict(patch_size=5), "not divisible by patch_size 5"),
+    (dict(width=30, num_heads=4), "width 30 is not divisible by num_heads 4"),
+    (dict(posemb="sincos2d", width=42, num_heads=2), "divisible by 4"),
+    (dict(pool="max"), "pool must be"),
+    (dict(dropout=1.5), "dropout must be in [0, 1)"),
+    (dict(depth=0), "depth must be a positive integer"),
+])
+def test_config_refuses_impossible_values_with_a_clear_message(changes, words):
+    with pytest.raises(ConfigError, match=None) as err:
+        ViTConfig().replace(**changes)
+    assert words in str(err.value)
+
+
+def test_config_refuses_unknown_fields_and_presets():
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ViTConfig.from_dict({"widht": 3})
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+    c = preset("small", pool="gap")
+    assert ViTConfig.from_dict(c.to_dict()) == c

@@ -1,0 +1,65 @@
+"""Both twins, loaded with the same canonical weights, compute the same function."""
+
+import pytest
+
+from parity import suite
+
+CASES = [(name, batch) for name in suite.CONFIGS for batch in suite.BATCHES]
+
+
+def _assert_rows(rows):
+    failed = [f"{r.stage} [{r.config}]: {r.diff:.3g} > {r.tol:.0e} {r.note}" for r in rows
+              if not r.ok]
+    assert rows and not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("name,batch", CASES)
+def test_patchify_naive_vectorized_numpy_agree_exactly(name, batch):
+    _assert_rows(suite.check_patchify(suite.CONFIGS[name], name, batch))
+
+
+@pytest.mark.parametrize("name", [n for n, c in suite.CONFIGS.items() if c.posemb != "learned"])
+def test_fixed_position_tables_match_numpy_reference(name):
+    _assert_rows(suite.check_posemb(suite.CONFIGS[name], name))
+
+
+@pytest.mark.parametrize("name,batch", CASES)
+def test_blocks_logits_grads_and_adamw_step_agree(name, batch):
+    rows = suite.check_model(suite.CONFIGS[name], name, batch)
+    stages = {r.stage for r in rows}
+    config = suite.CONFIGS[name]
+    for i in range(config.depth):  # every block and its attention weights was compared
+        assert f"forward blocks.{i}" in stages and f"forward blocks.{i}.attn" in stages
+    assert {"logits", "grads (worst tensor, relative)", "adamw step weights (same grads)"} <= stages
+    _assert_rows(rows)
+
+
+@pytest.mark.parametrize("name", list(suite.CONFIGS))
+def test_weight_round_trips_are_bitwise(name):
+    _assert_rows(suite.check_round_trips(suite.CONFIGS[name], name))
+
+
+def test_parity_report_exits_zero_and_prints_table():
+    import subprocess
+    import sys
+
+    # The report covers the same matrix; run the real command once, end to end.
+    proc = subprocess.run([sys.executable, "-m", "parity"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| stage | config | max abs diff | tolerance | result |" in proc.stdout
+    assert " 0 failed" in proc.stdout
+
+
+def test_suite_notices_a_weight_that_differs_by_1e_3():
+    import numpy as np
+
+    config = suite.CONFIGS["p4-cls-learned-28x28-w48"]
+    twins = suite.Twins(config)
+    x, y = suite._images(config, 4), suite._labels(config, 4)
+    j_out, j_grads, _ = twins.run_flax(x, y, suite.ADAMW)
+    twins.canonical = dict(twins.canonical)
+    twins.canonical["blocks.1.mlp.fc2.bias"] = twins.canonical["blocks.1.mlp.fc2.bias"] + 1e-3
+    t_out, _, _ = twins.run_torch(x, y, suite.ADAMW, step_grads=j_grads)
+    assert np.abs(j_out["blocks.0"] - t_out["blocks.0"]).max() <= suite.TOL_FORWARD
+    assert np.abs(j_out["blocks.1"] - t_out["blocks.1"]).max() > suite.TOL_FORWARD

@@ -1,0 +1,73 @@
+"""The canonical safetensors format: exact round trips, refusal of files that do not fit."""
+
+import numpy as np
+import pytest
+
+from parity import weights as W
+from parity.config import preset
+
+
+@pytest.fixture
+def config():
+    return preset("tiny", pool="cls", posemb="learned")
+
+
+def test_file_round_trip_is_bitwise_and_carries_the_config(tmp_path, config):
+    tensors = W.random_canonical(config, 5)
+    path = tmp_path / "m.safetensors"
+    W.save(path, tensors, config)
+    loaded, stored = W.load(path)
+    assert stored == config
+    assert set(loaded) == set(tensors)
+    for n in tensors:
+        assert loaded[n].tobytes() == tensors[n].tobytes()
+    assert not [p for p in tmp_path.iterdir() if p.name != "m.safetensors"]  # no temp left
+
+
+def test_names_and_shapes_that_do_not_fit_are_named(tmp_path, config):
+    tensors = W.random_canonical(config, 5)
+    bad = dict(tensors)
+    del bad["head.bias"]
+    bad["blocks.0.mlp.fc1.kernel"] = np.zeros((3, 3), np.float32)
+    bad["extra.thing"] = np.zeros(2, np.float32)
+    with pytest.raises(W.WeightsError) as err:
+        W.check(bad, config)
+    msg = str(err.value)
+    assert "missing head.bias" in msg and "unexpected extra.thing" in msg
+    assert "blocks.0.mlp.fc1.kernel has shape (3, 3)" in msg
+
+
+def test_a_file_from_another_architecture_is_refused(tmp_path, config):
+    path = tmp_path / "other.safetensors"
+    other = preset("tiny", width=48, num_heads=2)
+    W.save(path, W.random_canonical(other, 0), other)
+    with pytest.raises(W.WeightsError, match="do not fit the config"):
+        W.load(path, config)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty", "garbage"])
+def test_damaged_files_are_refused_cleanly(tmp_path, config, damage):
+    path = tmp_path / "m.safetensors"
+    W.save(path, W.random_canonical(config, 0), config)
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) - 100])
+    elif damage == "header":
+        path.write_bytes(raw[:8] + b"{not json" + raw[17:])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"\x80\x04K\x01.")  # a pickle, which we must never run
+    with pytest.raises(W.WeightsError):
+        W.load(path, config)
+
+
+def test_torch_state_dict_round_trip_is_bitwise(config):
+    import torch
+
+    from torchvit.model import ViT
+
+    state = ViT(config).state_dict()
+    back = W.canonical_to_torch(W.torch_to_canonical(state), config)
+    assert set(back) == set(state)
+    assert all(torch.equal(back[n], state[n]) for n in state)

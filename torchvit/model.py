@@ -1,0 +1,238 @@
+"""Vision Transformer in PyTorch (Dosovitskiy et al. 2020), twin of jaxvit/model.py.
+
+Images are channels-first, (B, C, H, W), as is usual in PyTorch. The two files line up
+block for block: same classes, same order, same names, same intermediate keys.
+
+  z0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos           (eq. 1)  -> ViT.embed
+  z'_l = MSA(LN(z_{l-1})) + z_{l-1}                        (eq. 2)  -> Block
+  z_l = MLP(LN(z'_l)) + z'_l                               (eq. 3)  -> Block
+  y = LN(z_L^0)                                            (eq. 4)  -> ViT.norm, pooling
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from parity.config import ViTConfig
+
+
+# ---- patchify ----------------------------------------------------------------------
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p1, w, p2)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p1, p2, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p1*p2*C)
+
+
+def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
+    """Inverse of patchify: (B, N, p*p*C) -> (B, C, H, W)."""
+    b, n, d = patches.shape
+    p = patch_size
+    c = d // (p * p)
+    x = patches.reshape(b, height // p, width // p, p, p, c)  # (B, h, w, p1, p2, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p1, w, p2)
+    return x.reshape(b, c, height, width)
+
+
+def patchify_naive(images: Tensor, patch_size: int) -> Tensor:
+    """The same as `patchify`, one patch at a time in Python: slow on purpose, obviously right."""
+    b, c, h, w = images.shape
+    p = patch_size
+    patches = []
+    for row in range(h // p):
+        for col in range(w // p):
+            patch = images[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (B, C, p, p)
+            patches.append(patch.permute(0, 2, 3, 1).reshape(b, p * p * c))
+    return torch.stack(patches, dim=1)  # (B, N, p*p*C)
+
+
+# ---- position encodings ------------------------------------------------------------
+def sincos1d(num_tokens: int, width: int) -> Tensor:
+    """The Transformer's table over the token index: [sin(t w_i), cos(t w_i)] interleaved."""
+    position = torch.arange(num_tokens, dtype=torch.float32)[:, None]  # (T, 1)
+    omega = 1.0 / 10000.0 ** (torch.arange(0, width, 2, dtype=torch.float32) / width)  # (D/2,)
+    angle = position * omega[None, :]  # (T, D/2)
+    table = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)  # (T, D/2, 2)
+    return table.reshape(num_tokens, width)  # (T, D): even dims sin, odd dims cos
+
+
+def sincos2d(grid: tuple[int, int], width: int) -> Tensor:
+    """big_vision's 2-D table: [sin(x w), cos(x w), sin(y w), cos(y w)] per patch."""
+    rows, cols = grid
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
+                          torch.arange(cols, dtype=torch.float32), indexing="ij")  # (rows, cols)
+    omega = 1.0 / 10000.0 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    x = x.reshape(-1)[:, None] * omega[None, :]  # (N, D/4)
+    y = y.reshape(-1)[:, None] * omega[None, :]  # (N, D/4)
+    return torch.cat([torch.sin(x), torch.cos(x), torch.sin(y), torch.cos(y)], dim=1)  # (N, D)
+
+
+def fixed_posemb(config: ViTConfig) -> Tensor:
+    """The fixed table added to the tokens, (T, D); the class token's row is zero for sincos2d."""
+    if config.posemb == "sincos1d":
+        return sincos1d(config.num_tokens, config.width)
+    table = sincos2d(config.grid, config.width)  # (N, D)
+    if config.pool == "cls":
+        table = torch.cat([torch.zeros(1, config.width), table], dim=0)  # (1+N, D)
+    return table
+
+
+# ---- blocks ------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.qkv = nn.Linear(c.width, 3 * c.width, bias=c.qkv_bias)
+        self.proj = nn.Linear(c.width, c.width)
+        self.attn_drop = nn.Dropout(c.attn_dropout)
+        self.proj_drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, *, capture: bool) -> tuple[Tensor, Tensor | None]:
+        c = self.config
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        weights = None
+        if capture:
+            logits = (q @ k.transpose(-2, -1)) * c.head_dim ** -0.5  # (B, H, T, T)
+            weights = logits.float().softmax(dim=-1)
+            out = self.attn_drop(weights).to(v.dtype) @ v  # (B, H, T, hd)
+        else:
+            p = c.attn_dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, T, hd)
+        out = self.proj(out.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return self.proj_drop(out), weights
+
+
+class Mlp(nn.Module):
+    """Two dense layers with a GELU between them."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.fc1 = nn.Linear(c.width, c.mlp_dim)
+        self.fc2 = nn.Linear(c.mlp_dim, c.width)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.fc1(x), approximate="none" if self.config.gelu_exact else "tanh")
+        x = self.drop(x)  # (B, T, M)
+        return self.drop(self.fc2(x))  # (B, T, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, scale the kept ones."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty(x.shape[0], 1, 1, device=x.device).bernoulli_(keep)
+        return torch.where(mask.bool(), x / keep, 0.0).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block, eq. 2-3: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: ViTConfig, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        c = config
+        self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.attn = Attention(c)
+        self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.mlp = Mlp(c)
+        self.drop_path = DropPath(drop_path_rate)
+
+    def forward(self, x: Tensor, *, capture: bool) -> tuple[Tensor, Tensor | None]:
+        y, weights = self.attn(self.norm1(x), capture=capture)
+        x = x + self.drop_path(y)  # (B, T, D)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, weights
+
+
+class ViT(nn.Module):
+    """The whole model: patchify, embed, L blocks, final norm, pool, head.
+
+    `model(images)` gives logits (B, K); with `capture=True` it gives `(logits, out)`,
+    `out` a dict of named intermediates (keys listed in `INTERMEDIATES`).
+    Training mode (dropout, stochastic depth) follows `model.train()` / `model.eval()`.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.patch_embed = nn.Linear(c.patch_dim, c.width)
+        if c.pool == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        if c.posemb == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, c.num_tokens, c.width) * 0.02)
+        else:
+            self.register_buffer("fixed_pos_embed", fixed_posemb(c)[None], persistent=False)
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList([Block(c, drop_path_rate=r) for r in rates])
+        self.norm = nn.LayerNorm(c.width, eps=c.ln_eps)
+        self.head = nn.Linear(c.width, c.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The same laws as the Flax init: xavier-uniform kernels, zero head, tiny MLP biases."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    if name.endswith(("fc1", "fc2")):
+                        nn.init.normal_(module.bias, std=1e-6)
+                    else:
+                        nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def posemb_table(self) -> Tensor:
+        """E_pos, (1, T, D)."""
+        if self.config.posemb == "learned":
+            return self.pos_embed
+        return self.fixed_pos_embed
+
+    def embed(self, images: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """Eq. 1: (B, C, H, W) -> z0 (B, T, D)."""
+        c = self.config
+        patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+        x = self.patch_embed(patches)  # (B, N, D)
+        out["patches"], out["stem"] = patches, x
+        if c.pool == "cls":
+            cls = self.cls_token.expand(x.shape[0], 1, c.width).to(x.dtype)
+            x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
+        x = x + self.posemb_table().to(x.dtype)  # (B, T, D)
+        out["with_posemb"] = x
+        return self.pos_drop(x)
+
+    def forward(self, images: Tensor, *,
+                capture: bool = False) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        out: dict[str, Tensor] = {}
+        x = self.embed(images, out)
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, capture=capture)
+            out[f"blocks.{i}"] = x
+            if weights is not None:
+                out[f"blocks.{i}.attn"] = weights  # (B, H, T, T)
+        x = self.norm(x)  # (B, T, D)
+        out["encoded"] = x
+        x = x[:, 0] if self.config.pool == "cls" else x.mean(dim=1)  # (B, D)
+        out["pooled"] = x
+        logits = self.head(x).float()  # (B, K)
+        out["logits"] = logits
+        return (logits, out) if capture else logits
+
+
+INTERMEDIATES = ("patches", "stem", "with_posemb", "blocks.{i}", "blocks.{i}.attn",
+                 "encoded", "pooled", "logits")
