@@ -1,0 +1,152 @@
+"""The Flax training step as pure functions, jitted once (twin of torchvit/train.py).
+
+The whole training state is one pytree: {"params", "opt_state", "ema"?, "totals"}.
+Augmentation, dropout and the loss all run inside the jitted step, on the device, and
+the randomness of step s is a pure function of (seed, s), so a resumed run draws the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxvit.model import ViT
+from parity.config import ViTConfig
+from train.common import schedule_steps
+
+MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
+
+State = dict[str, Any]
+
+
+def make_optimizer(recipe, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay; decay only on kernels; global-norm clipping."""
+    warmup, total = schedule_steps(recipe, steps_per_epoch)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, warmup, total, end_value=0.0)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+    steps = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip > 0 else []
+    steps.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                             weight_decay=recipe.weight_decay, mask=decay_mask))
+    return optax.chain(*steps)
+
+
+def create_state(config: ViTConfig, recipe, tx: optax.GradientTransformation, seed: int) -> State:
+    images = jnp.zeros((1, config.image_height, config.image_width, config.channels))
+    params = ViT(config).init(jax.random.PRNGKey(seed), images)["params"]
+    state = {"params": params, "opt_state": tx.init(params),
+             "totals": jnp.zeros(3, jnp.float32)}  # (loss sum, correct, count) of the epoch
+    if recipe.ema_decay > 0:
+        state["ema"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
+
+
+def to_unit(images: jax.Array) -> jax.Array:
+    """uint8 (B, H, W) -> float32 (B, H, W, 1) in [0, 1]."""
+    return images.astype(jnp.float32)[..., None] / 255.0
+
+
+def normalize(x: jax.Array) -> jax.Array:
+    """[0, 1] images -> standardized model input."""
+    return (x - MEAN) / STD
+
+
+def augment(images: jax.Array, key: jax.Array, recipe) -> jax.Array:
+    """Random affine per image: rotation, zoom, shear, shift, each uniform about the identity."""
+    b = images.shape[0]
+    k_rot, k_zoom, k_shear, k_shift = jax.random.split(key, 4)
+
+    def uniform(k, size, bound):
+        return jax.random.uniform(k, size, minval=-bound, maxval=bound)
+
+    return warp(images, angle=uniform(k_rot, (b,), recipe.rotate),
+                zoom=1 + uniform(k_zoom, (b,), recipe.scale),
+                shear=uniform(k_shear, (b,), recipe.shear), shift=uniform(k_shift, (b, 2), recipe.translate))
+
+
+def warp(images: jax.Array, angle: jax.Array, zoom: jax.Array, shear: jax.Array,
+         shift: jax.Array) -> jax.Array:
+    """Affine warp per image, bilinear, black outside; angles in degrees, shift (row, col) pixels.
+
+    images: (B, H, W, 1) in [0, 1]. dm-pix pulls each output pixel from the input position
+    M @ o + offset, so M is the inverse map; every parameter is drawn from a distribution
+    symmetric about the identity, so drawing the inverse is drawing the map.
+    """
+    b, h, w, _ = images.shape
+    deg = jnp.pi / 180.0
+    cos, sin, tan = jnp.cos(angle * deg), jnp.sin(angle * deg), jnp.tan(shear * deg)
+    # (B, 2, 2) in (row, col) pixel coordinates about the centre: rotation @ shear / zoom
+    linear = jnp.stack([jnp.stack([cos, -sin + cos * tan], -1),
+                        jnp.stack([sin, cos + sin * tan], -1)], -2) / zoom[:, None, None]
+    center = jnp.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    offset = center - jnp.einsum("bij,j->bi", linear, center) + shift  # (B, 2)
+    # (B, 3, 4): homogeneous over (row, col, channel); the channel maps to itself
+    matrix = jnp.zeros((b, 3, 4)).at[:, :2, :2].set(linear).at[:, :2, 3].set(offset)
+    matrix = matrix.at[:, 2, 2].set(1.0)
+    one = jax.vmap(lambda im, m: dm_pix.affine_transform(im, m, order=1, mode="constant"))
+    return one(images, matrix)
+
+
+def shift_images(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """Integer shift of (B, H, W, ...) with zeros filling in: exact, no interpolation."""
+    b, h, w = images.shape[:3]
+    pad = [(0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx))] + [(0, 0)] * (images.ndim - 3)
+    padded = jnp.pad(images, pad)
+    return padded[:, abs(dy) - dy: abs(dy) - dy + h, abs(dx) - dx: abs(dx) - dx + w]
+
+
+def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
+                    seed: int):
+    """-> jitted step(state, images_u8, labels, order, index, step) -> state."""
+    base_key = jax.random.PRNGKey(seed)
+    augmenting = any(getattr(recipe, k) > 0 for k in ("rotate", "translate", "scale", "shear"))
+
+    def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
+                   index: jax.Array, step: jax.Array) -> State:
+        idx = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)  # (B,)
+        x = to_unit(images[idx])  # (B, H, W, 1) in [0, 1]
+        y = labels[idx]  # (B,)
+        aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
+        if augmenting:
+            x = augment(x, aug_key, recipe)
+        x = normalize(x)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x, train=True, rngs={"dropout": drop_key})
+            targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]),
+                                          recipe.label_smoothing)
+            return optax.softmax_cross_entropy(logits, targets).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        new = {"params": params, "opt_state": opt_state,
+               "totals": state["totals"] + jnp.stack([loss * y.shape[0], correct, y.shape[0]])}
+        if "ema" in state:
+            d = recipe.ema_decay
+            new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        return new
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_predict(model: ViT, tta: bool):
+    """-> jitted predict(params, images_u8 (B, H, W)) -> class probabilities (B, K)."""
+    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+
+    def predict(params, images):
+        x = to_unit(images)  # (B, H, W, 1)
+        probs = [jax.nn.softmax(model.apply({"params": params}, normalize(shift_images(x, dy, dx))))
+                 for dy, dx in shifts]
+        return sum(probs) / len(probs)
+
+    return jax.jit(predict)

@@ -1,0 +1,127 @@
+"""Loading the competition download, the split, the submission, and refusing bad input."""
+
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import real_rows, write_competition
+from train import data
+
+
+def test_loads_the_same_data_from_zip_and_from_folder(tmp_path):
+    folder = write_competition(tmp_path / "f", 300, 40)
+    zipped = write_competition(tmp_path / "z", 300, 40, as_zip=True)
+    a, b = data.load_competition(folder), data.load_competition(zipped)
+    assert a.train_images.shape == (300, 28, 28) and a.test_images.shape == (40, 28, 28)
+    assert a.train_images.dtype == np.uint8 and a.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    np.testing.assert_array_equal(a.train_labels, b.train_labels)
+    np.testing.assert_array_equal(a.test_images, b.test_images)
+    # Row 1 of the CSV is image 0, row-major: check one pixel against the text itself.
+    first = real_rows(1, 1)[0].splitlines()[1].split(",")
+    assert a.train_labels[0] == int(first[0])
+    assert a.train_images[0].reshape(-1).tolist() == [int(v) for v in first[1:]]
+
+
+@pytest.mark.skipif(not (data.Path(__file__).resolve().parents[2] / "shared/data/digit-recognizer.zip")
+                    .exists(), reason="the competition download is not beside the project")
+def test_the_real_competition_download_loads_whole():
+    d = data.load_competition(data.Path(__file__).resolve().parents[2] / "shared/data/digit-recognizer.zip")
+    assert d.train_images.shape == (42000, 28, 28) and d.test_images.shape == (28000, 28, 28)
+    assert set(np.unique(d.train_labels)) == set(range(10))
+
+
+def test_without_data_falls_back_to_the_shipped_demo_sample(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d = data.resolve(None)
+    assert d.demo and "mnist_5k" in d.source
+    assert d.train_images.shape == (4000, 28, 28) and d.test_images.shape == (1000, 28, 28)
+    assert np.bincount(d.train_labels).tolist() == [400] * 10
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    labels = np.repeat(np.arange(10), [100, 200, 50, 80, 120, 90, 110, 70, 60, 120])
+    tr, va = data.stratified_split(labels, 0.1, seed=3)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(labels)
+    counts = np.bincount(labels[va], minlength=10)
+    np.testing.assert_array_equal(counts, np.round(np.bincount(labels) * 0.1).astype(int))
+    tr2, va2 = data.stratified_split(labels, 0.1, seed=3)
+    np.testing.assert_array_equal(va, va2)
+    _, va3 = data.stratified_split(labels, 0.1, seed=4)
+    assert not np.array_equal(va, va3)
+    tr0, va0 = data.stratified_split(labels, 0.0, seed=3)
+    assert len(va0) == 0 and len(tr0) == len(labels)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    np.testing.assert_array_equal(data.epoch_order(100, 1, 5), data.epoch_order(100, 1, 5))
+    assert not np.array_equal(data.epoch_order(100, 1, 5), data.epoch_order(100, 1, 6))
+    assert sorted(data.epoch_order(100, 1, 5)) == list(range(100))
+
+
+def test_submission_has_kaggles_header_and_one_based_ids(tmp_path):
+    path = tmp_path / "submission.csv"
+    data.write_submission(path, np.array([3, 1, 4, 1, 5]))
+    text = path.read_text().splitlines()
+    assert text[0] == "ImageId,Label" and text[1] == "1,3" and text[-1] == "5,5"
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["ImageId", "Label"] and len(frame) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
+
+
+# ---- bad input: one clear line naming the place ------------------------------------------------
+def _train_text(n=5):
+    return real_rows(n, 1)[0]
+
+
+def _mutate(text, row, col, value):
+    lines = text.splitlines()
+    cells = lines[row].split(",")
+    cells[col] = value
+    lines[row] = ",".join(cells)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda t: "", "the file is empty"),
+    (lambda t: "\x89PNG\x00\x00binary", "not CSV text"),
+    (lambda t: t.replace("label,", "lbl,", 1), "wrong header (column 1 is 'lbl', expected 'label')"),
+    (lambda t: _mutate(t, 3, 10, "x7"), "row 4, column 'pixel9' is 'x7'; expected an integer"),
+    (lambda t: _mutate(t, 2, 5, ""), "row 3 has an empty cell (column 'pixel4')"),
+    (lambda t: _mutate(t, 2, 300, "256"), "row 3, column 'pixel299' is 256; expected a pixel value in 0..255"),
+    (lambda t: _mutate(t, 4, 7, "-1"), "row 5, column 'pixel6' is -1"),
+    (lambda t: _mutate(t, 2, 0, "10"), "row 3 has label 10; expected a digit 0..9"),
+    (lambda t: _mutate(t, 2, 0, "3.5"), "row 3, column 'label' is 3.5; expected an integer"),
+    (lambda t: "\n".join(t.splitlines()[:3] + [t.splitlines()[3] + ",0"]) + "\n", "too many columns"),
+    (lambda t: "\n".join(t.splitlines()[:3] + [t.splitlines()[3].rsplit(",", 2)[0]]) + "\n",
+     "row 4 has too few columns"),
+])
+def test_bad_train_csv_is_refused_naming_row_and_column(make, words):
+    with pytest.raises(data.DataError) as err:
+        data.parse_train(make(_train_text()).encode(), "train.csv")
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_test_csv_with_a_label_column_is_refused():
+    with pytest.raises(data.DataError, match="carries a 'label' column"):
+        data.parse_test(_train_text().encode(), "test.csv")
+
+
+def test_missing_paths_folders_and_corrupt_zips_are_refused(tmp_path):
+    with pytest.raises(data.DataError, match="no such file or folder"):
+        data.load_competition(tmp_path / "nope.zip")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no train.csv in this folder"):
+        data.load_competition(tmp_path / "empty")
+    good = write_competition(tmp_path / "z", 50, 5, as_zip=True)
+    raw = good.read_bytes()
+    (tmp_path / "cut.zip").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(data.DataError, match="corrupt zip"):
+        data.load_competition(tmp_path / "cut.zip")
+    with zipfile.ZipFile(tmp_path / "only-train.zip", "w") as zf:
+        zf.writestr("train.csv", real_rows(5, 1)[0])
+    with pytest.raises(data.DataError, match="holds no test.csv"):
+        data.load_competition(tmp_path / "only-train.zip")

@@ -1,0 +1,142 @@
+"""The trainers end to end, as users run them: real subprocesses, real (small) data, real files."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from parity import weights as W
+from tests.helpers import popen_trainer, trainer, write_competition
+
+FAST = ["--preset", "tiny", "--lr", "3e-3", "--batch-size", "64", "--rotate", "0",
+        "--translate", "0", "--scale", "0", "--val-fraction", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory):
+    return write_competition(tmp_path_factory.mktemp("data") / "comp", 1200, 60, as_zip=True)
+
+
+@pytest.fixture(scope="module")
+def flax_run(comp, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "flax"
+    trainer("flax", "--data", str(comp), "--out", str(out), "--epochs", "4", *FAST)
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flax_training_learns_and_leaves_a_complete_run_directory(flax_run):
+    rows = _metrics(flax_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "img_per_s", "wall_seconds"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3
+    assert max(r["val_acc"] for r in rows) > 0.35  # chance is 0.1
+    config = json.loads((flax_run / "config.json").read_text())
+    assert config["framework"] == "flax" and config["preset"] == "tiny"
+    assert config["recipe"]["lr"] == 3e-3 and config["model"]["patch_size"] == 7
+    for name in ("model.safetensors", "best.safetensors"):
+        W.load(flax_run / name)
+    sub = pd.read_csv(flax_run / "submission.csv")
+    assert list(sub.columns) == ["ImageId", "Label"]
+    assert sub["ImageId"].tolist() == list(range(1, 61))
+    assert sub["Label"].between(0, 9).all()
+    assert not [p for p in flax_run.iterdir() if ".tmp" in p.name]
+
+
+def test_torch_twin_trains_with_the_same_cli_and_files(comp, tmp_path):
+    out = tmp_path / "torch"
+    trainer("torch", "--data", str(comp), "--out", str(out), "--epochs", "3", *FAST)
+    rows = _metrics(out)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3
+    assert max(r["val_acc"] for r in rows) > 0.3
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "model.safetensors",
+                                              "best.safetensors", "checkpoint.safetensors",
+                                              "submission.csv"}
+
+
+def test_flax_weights_scored_by_either_trainer_give_identical_submissions(flax_run, comp, tmp_path):
+    ckpt = str(flax_run / "model.safetensors")
+    by_torch = trainer("torch", "--eval-only", "--checkpoint", ckpt, "--data", str(comp),
+                       "--out", str(tmp_path / "t"), "--val-fraction", "0.2")
+    by_flax = trainer("flax", "--eval-only", "--checkpoint", ckpt, "--data", str(comp),
+                      "--out", str(tmp_path / "f"), "--val-fraction", "0.2")
+    assert (tmp_path / "t" / "submission.csv").read_bytes() == (tmp_path / "f" / "submission.csv").read_bytes()
+    acc = [line for line in (by_torch.stderr + by_flax.stderr).splitlines() if "val acc" in line]
+    assert len(acc) == 2 and acc[0] == acc[1]
+
+
+def test_tta_submission_is_written(flax_run, comp, tmp_path):
+    trainer("flax", "--eval-only", "--tta", "--checkpoint", str(flax_run / "best.safetensors"),
+            "--data", str(comp), "--out", str(tmp_path))
+    assert len(pd.read_csv(tmp_path / "submission.csv")) == 60
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_sigkill_then_resume_ends_with_the_same_weights(framework, comp, tmp_path):
+    args = ["--data", str(comp), "--epochs", "4", "--limit-train", "600", *FAST]
+    trainer(framework, *args, "--out", str(tmp_path / "whole"))
+    proc = popen_trainer(framework, *args, "--out", str(tmp_path / "cut"))
+    ckpt = tmp_path / "cut" / "checkpoint.safetensors"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    trainer(framework, "--resume", str(tmp_path / "cut"), "--data", str(comp))
+    whole, _ = W.load(tmp_path / "whole" / "model.safetensors")
+    cut, _ = W.load(tmp_path / "cut" / "model.safetensors")
+    for name in whole:
+        np.testing.assert_allclose(cut[name], whole[name], rtol=0, atol=1e-6, err_msg=name)
+    assert [r["epoch"] for r in _metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert (tmp_path / "cut" / "submission.csv").read_bytes() == \
+        (tmp_path / "whole" / "submission.csv").read_bytes()
+
+
+def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
+    proc = trainer("flax", "--epochs", "1", "--limit-train", "800", "--preset", "tiny", "--out",
+                   str(tmp_path / "run"), cwd=tmp_path)
+    assert "DEMO" in proc.stderr and "kaggle competitions download -c digit-recognizer" in proc.stderr
+    assert len(pd.read_csv(tmp_path / "run" / "submission.csv")) == 1000
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--data", "/no/such/file.zip"], "no such file or folder"),
+    (["--preset", "tiny", "--patch-size", "5"], "not divisible by patch_size 5"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--eval-only"], "--eval-only needs --checkpoint"),
+])
+def test_bad_options_fail_with_one_line_and_no_outputs(args, words, tmp_path, comp):
+    extra = [] if "--data" in args else ["--data", str(comp)]
+    proc = trainer("flax", *args, *extra, "--out", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_config_is_refused_naming_the_fields(flax_run, comp):
+    proc = trainer("flax", "--resume", str(flax_run), "--data", str(comp), "--lr", "0.1",
+                   "--width", "64", check=False)
+    assert proc.returncode == 2
+    assert "lr (run: 0.003, now: 0.1)" in proc.stderr and "width (run: 32, now: 64)" in proc.stderr
+
+
+def test_unwritable_output_directory_is_refused(comp, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/vit-run"  # even root cannot create this
+    else:
+        (tmp_path / "ro").mkdir(mode=0o500)
+        target = str(tmp_path / "ro" / "run")
+    proc = trainer("flax", "--data", str(comp), "--out", target, check=False, *FAST)
+    assert proc.returncode == 2 and "cannot write the run directory" in proc.stderr

@@ -1,0 +1,159 @@
+"""The PyTorch training step (twin of jaxvit/train.py).
+
+The training state is the model, the optimizer and an optional EMA of the weights.
+Augmentation, dropout and the loss all run on the device, and the randomness of step s is
+seeded from (seed, s) alone, so a resumed run draws the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from parity import weights as W
+from torchvit.model import ViT
+from train.common import lr_at, schedule_steps
+
+MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
+
+
+def make_optimizer(model: ViT, recipe) -> torch.optim.AdamW:
+    """AdamW; decay only on kernels (2-D weights). The learning rate is set every step."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if W.decays(W.torch_name_to_canonical(n, p.ndim))]
+    no_decay = [p for n, p in named if not W.decays(W.torch_name_to_canonical(n, p.ndim))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 (B, H, W) -> float32 (B, 1, H, W) in [0, 1]."""
+    return images.float()[:, None] / 255.0
+
+
+def normalize(x: Tensor) -> Tensor:
+    """[0, 1] images -> standardized model input."""
+    return (x - MEAN) / STD
+
+
+def augment(images: Tensor, recipe) -> Tensor:
+    """Random affine per image: rotation, zoom, shear, shift, each uniform about the identity."""
+    b, dev = images.shape[0], images.device
+
+    def uniform(size, bound):
+        return (torch.rand(size, device=dev) * 2 - 1) * bound
+
+    return warp(images, angle=uniform((b,), recipe.rotate), zoom=1 + uniform((b,), recipe.scale),
+                shear=uniform((b,), recipe.shear), shift=uniform((b, 2), recipe.translate))
+
+
+def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
+    """Affine warp per image, bilinear, black outside; angles in degrees, shift (row, col) pixels.
+
+    images: (B, 1, H, W) in [0, 1]. grid_sample pulls each output pixel from the input
+    position theta @ o, so theta is the inverse map; every parameter is drawn from a
+    distribution symmetric about the identity, so drawing the inverse is drawing the map.
+    """
+    b, _, h, w = images.shape
+    deg = math.pi / 180.0
+    cos, sin, tan = (angle * deg).cos(), (angle * deg).sin(), (shear * deg).tan()
+    # (B, 2, 2) in (row, col) pixel coordinates about the centre: rotation @ shear / zoom
+    linear = torch.stack([torch.stack([cos, -sin + cos * tan], -1),
+                          torch.stack([sin, cos + sin * tan], -1)], -2) / zoom[:, None, None]
+    # affine_grid works in normalized (x, y) = (col, row) coordinates, x = (2 col + 1) / W - 1
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 1] = linear[:, 1, 1], linear[:, 1, 0] * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = linear[:, 0, 1] * w / h, linear[:, 0, 0]
+    theta[:, 0, 2], theta[:, 1, 2] = shift[:, 1] * 2 / w, shift[:, 0] * 2 / h
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # Like dm-pix (the Flax twin), a sample point outside the pixel centres is black, not blended.
+    col = ((grid[..., 0] + 1) * w - 1) / 2  # (B, H, W) source column of each output pixel
+    row = ((grid[..., 1] + 1) * h - 1) / 2
+    inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
+    return out * inside[:, None].to(out.dtype)
+
+
+def shift_images(images: Tensor, dy: int, dx: int) -> Tensor:
+    """Integer shift of (B, C, H, W) with zeros filling in: exact, no interpolation."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (abs(dx), abs(dx), abs(dy), abs(dy)))
+    return padded[..., abs(dy) - dy: abs(dy) - dy + h, abs(dx) - dx: abs(dx) - dx + w]
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+class Trainer:
+    """model + optimizer + EMA, and the one training step."""
+
+    def __init__(self, model: ViT, recipe, steps_per_epoch: int, seed: int,
+                 dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
+        self.model, self.recipe, self.seed = model, recipe, seed
+        self.optimizer = make_optimizer(model, recipe)
+        self.warmup, self.total = schedule_steps(recipe, steps_per_epoch)
+        self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                    if recipe.ema_decay > 0 else None)
+        self.augmenting = any(getattr(recipe, k) > 0 for k in ("rotate", "translate", "scale", "shear"))
+        self.dtype = dtype
+        self.forward = torch.compile(model) if compile else model
+        self.totals = None
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=next(self.model.parameters()).device.type, dtype=self.dtype)
+
+    def train_step(self, images: Tensor, labels: Tensor, idx: Tensor, step: int) -> None:
+        """One AdamW step on images[idx]; adds (loss sum, correct, count) to self.totals."""
+        recipe = self.recipe
+        torch.manual_seed(step_seed(self.seed, step))
+        self.model.train()
+        x = to_unit(images[idx])  # (B, 1, H, W) in [0, 1]
+        y = labels[idx].long()  # (B,)
+        if self.augmenting:
+            x = augment(x, recipe)
+        x = normalize(x)
+        with self.autocast():
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
+        lr = lr_at(step, recipe.lr, self.warmup, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    self.ema[n].lerp_(p, 1 - recipe.ema_decay)
+        with torch.no_grad():
+            batch = torch.stack([loss.detach() * y.shape[0], (logits.argmax(-1) == y).sum().float(),
+                                 torch.tensor(float(y.shape[0]), device=y.device)])
+            self.totals = batch if self.totals is None else self.totals + batch
+
+    def eval_state(self) -> dict[str, Tensor]:
+        """The weights to evaluate: the EMA if kept, else the live ones (state_dict names)."""
+        state = {n: t.detach() for n, t in self.model.state_dict().items()}
+        if self.ema is not None:
+            state.update(self.ema)
+        return state
+
+
+@torch.no_grad()
+def predict(model: ViT, images: Tensor, tta: bool = False) -> Tensor:
+    """uint8 images (B, H, W) -> class probabilities (B, K), in eval mode."""
+    model.eval()
+    x = to_unit(images)  # (B, 1, H, W)
+    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+    probs = [model(normalize(shift_images(x, dy, dx))).float().softmax(-1) for dy, dx in shifts]
+    return sum(probs) / len(probs)

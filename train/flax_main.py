@@ -1,0 +1,269 @@
+"""Train the Flax ViT on Kaggle's Digit Recognizer and write submission.csv.
+
+    python train/flax_main.py --data ../shared/data/digit-recognizer.zip
+
+The run directory (--out) ends up holding config.json, metrics.jsonl, model.safetensors
+(final weights, canonical format), best.safetensors (best validation accuracy),
+checkpoint.safetensors (everything --resume needs) and submission.csv.
+Twin: train/torch_main.py takes the same options and writes the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from parity import weights as W
+from parity.config import ConfigError
+from train import common, data
+from train.common import UsageError, fail
+
+FRAMEWORK = "flax"
+
+
+# ---- checkpoints: the whole state pytree as one safetensors file ----------------------------
+def save_checkpoint(path: Path, state, meta: dict) -> None:
+    import jax
+    from safetensors.numpy import save_file
+
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    arrays = {jax.tree_util.keystr(p): np.array(v, order="C") for p, v in leaves}  # keeps 0-d
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(arrays, str(tmp), metadata={"meta": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, template):
+    """-> (state shaped like template, meta). Refuses a file that does not fit."""
+    import jax
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = json.loads((f.metadata() or {})["meta"])
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for p, leaf in leaves:
+        name = jax.tree_util.keystr(p)
+        if name not in stored or stored[name].shape != np.shape(leaf):
+            raise W.WeightsError(f"{path}: checkpoint does not fit this run (tensor {name})")
+        out.append(stored[name])
+    return jax.tree_util.tree_unflatten(treedef, out), meta
+
+
+# ---- the run -----------------------------------------------------------------------------
+def evaluate(predict, params, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """Class probabilities (N, K) in fixed-size batches (the last one padded)."""
+    import jax
+
+    out = []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        n = len(chunk)
+        if n < batch and len(images) > batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(jax.device_get(predict(params, chunk)))[:n])
+    return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+
+def run(args) -> int:
+    if args.resume:
+        out = Path(args.resume)
+        spec = common.resumed_run(out, args, FRAMEWORK)
+    else:
+        spec = common.resolve_run(args)
+        out = Path(args.out or f"runs/{FRAMEWORK}-{spec.preset}")
+    if args.eval_only:
+        return eval_only(args, spec, out)
+    recipe, config = spec.recipe, spec.config
+
+    # Everything that can be refused is checked before anything is written.
+    dataset = data.resolve(spec.options.get("data"))
+    if dataset.demo:
+        print(f"DEMO: no --data given and no ./data found, so this trains on {dataset.source} "
+              f"(5,000 real MNIST digits). For the competition, {data.GET_THE_DATA}.",
+              file=sys.stderr)
+    if (config.image_height, config.image_width, config.channels) != (28, 28, 1):
+        raise UsageError(f"the digits are 28x28x1; the config asks for {config.image_height}x"
+                         f"{config.image_width}x{config.channels}")
+    images, labels = dataset.train_images, dataset.train_labels
+    if spec.options.get("limit_train"):
+        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
+    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
+    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.seed)
+    steps_per_epoch = len(train_idx) // recipe.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
+                         f"({len(train_idx)} images)")
+    common.prepare_out(out)
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvit import train as jt
+    from jaxvit.model import ViT
+
+    dtype_name = spec.options.get("dtype") or "auto"
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    model = ViT(config, dtype=jnp.dtype(dtype_name))
+    eval_model = ViT(config, dtype=jnp.dtype(dtype_name))
+    tx = jt.make_optimizer(recipe, steps_per_epoch)
+    state = jt.create_state(config, recipe, tx, recipe.seed)
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    ckpt = out / "checkpoint.safetensors"
+    if args.resume:
+        if not ckpt.exists():
+            raise UsageError(f"{out}: no checkpoint.safetensors yet (killed before the first "
+                             f"epoch ended?); start the run again without --resume")
+        state, meta = load_checkpoint(ckpt, state)
+        start_epoch, best = meta["epoch"] + 1, meta["best"]
+        common.trim_metrics(out, meta["epoch"] + 1)
+        print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
+    else:
+        common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    print(f"flax: {len(jax.devices())} device(s) {jax.devices()[0].device_kind}, {dtype_name}, "
+          f"preset {spec.preset}, {len(train_idx)} train / {len(val_idx)} val / "
+          f"{len(test_images)} test images", file=sys.stderr)
+    x_all = jax.device_put(images[train_idx])  # (N, 28, 28) uint8, lives on the device
+    y_all = jax.device_put(labels[train_idx].astype(np.int32))
+    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, recipe.seed)
+    predict = jt.make_predict(eval_model, tta=False)
+    weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
+
+    wall0 = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            t0 = time.perf_counter()
+            order = jax.device_put(data.epoch_order(len(train_idx), recipe.seed, epoch)
+                                   [: steps_per_epoch * recipe.batch_size].astype(np.int32))
+            state["totals"] = jnp.zeros(3, jnp.float32)
+            bar = _bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
+            for i in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                state = train_step(state, x_all, y_all, order, np.int32(i), np.int32(step))
+                if bar is not None and (i % 20 == 19 or i == steps_per_epoch - 1):
+                    loss_sum, correct, count = np.asarray(state["totals"])
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
+                                    img_s=f"{count / (time.perf_counter() - t0):.0f}")
+                    bar.update(i + 1 - bar.n)
+            loss_sum, correct, count = np.asarray(jax.device_get(state["totals"]))
+            train_time = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            if not np.isfinite(loss_sum):
+                kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
+                print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
+                      f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
+                return 3
+            row = {"epoch": epoch + 1, "train_loss": float(loss_sum / count),
+                   "train_acc": float(correct / count),
+                   "lr": float(common.lr_at((epoch + 1) * steps_per_epoch - 1, recipe.lr,
+                                            *common.schedule_steps(recipe, steps_per_epoch))),
+                   "img_per_s": float(count / train_time), "epoch_seconds": train_time}
+            if len(val_idx):
+                probs = evaluate(predict, weights_of(state), images[val_idx])
+                row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_idx)),
+                                                              labels[val_idx]] + 1e-12)))
+                row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
+                if row["val_acc"] > best["val_acc"]:
+                    best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
+                    W.save(out / "best.safetensors",
+                           W.flax_to_canonical(jax.device_get(weights_of(state))), config)
+            row["wall_seconds"] = time.perf_counter() - wall0
+            common.append_metrics(out, row)
+            save_checkpoint(ckpt, state, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
+            val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+            print(f"epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f}, "
+                  f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s",
+                  file=sys.stderr)
+    except KeyboardInterrupt:
+        done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
+        print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
+              f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
+        return 130
+
+    final = W.flax_to_canonical(jax.device_get(weights_of(state)))
+    W.save(out / "model.safetensors", final, config)
+    chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
+    tensors, _ = W.load(chosen, config)
+    params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
+    tta = bool(spec.options.get("tta"))
+    probs = evaluate(jt.make_predict(eval_model, tta=tta), params, test_images)
+    data.write_submission(out / "submission.csv", probs.argmax(-1))
+    print(f"wrote {out / 'submission.csv'} ({len(probs)} rows, weights: {chosen.name}"
+          f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
+          f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def eval_only(args, spec, out: Path) -> int:
+    """Evaluate a canonical checkpoint (from either trainer) and write the submission."""
+    if not args.checkpoint:
+        raise UsageError("--eval-only needs --checkpoint FILE (a canonical .safetensors)")
+    config = W.read_config(args.checkpoint)
+    tensors, config = W.load(args.checkpoint, config)
+    dataset = data.resolve(spec.options.get("data"))
+    common.prepare_out(out)
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvit import train as jt
+    from jaxvit.model import ViT
+
+    params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
+    predict = jt.make_predict(ViT(config), tta=bool(args.tta))
+    images, labels = dataset.train_images, dataset.train_labels
+    if spec.options.get("limit_train"):
+        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
+    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.seed)
+    if len(val_idx):
+        acc = float(np.mean(evaluate(predict, params, images[val_idx]).argmax(-1) == labels[val_idx]))
+        print(f"val acc {acc:.4f} on {len(val_idx)} images", file=sys.stderr)
+    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
+    probs = evaluate(predict, params, test_images)
+    data.write_submission(out / "submission.csv", probs.argmax(-1))
+    print(f"wrote {out / 'submission.csv'} ({len(probs)} rows)", file=sys.stderr)
+    return 0
+
+
+def _bar(total: int, epoch: int, epochs: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                file=sys.stderr, mininterval=0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.build_parser("train/flax_main.py", "Flax").parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, data.DataError, W.WeightsError, ConfigError) as e:
+        fail(str(e))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

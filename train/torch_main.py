@@ -1,0 +1,279 @@
+"""Train the PyTorch ViT on Kaggle's Digit Recognizer and write submission.csv.
+
+    python train/torch_main.py --data ../shared/data/digit-recognizer.zip
+
+Twin of train/flax_main.py: the same options, the same run directory (config.json,
+metrics.jsonl, model.safetensors, best.safetensors, checkpoint.safetensors, submission.csv),
+the same canonical weights. `--eval-only --checkpoint FILE` scores a checkpoint from either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from parity import weights as W
+from parity.config import ConfigError
+from train import common, data
+from train.common import UsageError, fail
+
+FRAMEWORK = "torch"
+
+
+# ---- checkpoints: model, EMA and optimizer state as one safetensors file --------------------
+def save_checkpoint(path: Path, trainer, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{n}": t.detach().cpu().contiguous()
+               for n, t in trainer.model.state_dict().items()}
+    if trainer.ema is not None:
+        tensors.update({f"ema.{n}": t.detach().cpu().contiguous() for n, t in trainer.ema.items()})
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in trainer.optimizer.state.get(p, {}).items():
+                tensors[f"opt.{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, trainer) -> dict:
+    """Restore the trainer in place; -> meta. Refuses a file that does not fit."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["meta"])
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
+    device = next(trainer.model.parameters()).device
+    model_state = {k[len("model."):]: v for k, v in stored.items() if k.startswith("model.")}
+    try:
+        trainer.model.load_state_dict(model_state)
+    except RuntimeError as e:
+        raise W.WeightsError(f"{path}: checkpoint does not fit this run ({str(e)[:200]})") from None
+    if trainer.ema is not None:
+        for n in trainer.ema:
+            trainer.ema[n].copy_(stored[f"ema.{n}"])
+    for n, p in trainer.model.named_parameters():
+        keys = [k for k in stored if k.startswith(f"opt.{n}.")]
+        if keys:
+            trainer.optimizer.state[p] = {k[len(f"opt.{n}."):]: stored[k].to(device)
+                                          if stored[k].ndim else stored[k] for k in keys}
+    del torch
+    return meta
+
+
+# ---- the run -----------------------------------------------------------------------------
+def evaluate(model, images: np.ndarray, device, tta: bool = False, batch: int = 1000) -> np.ndarray:
+    """Class probabilities (N, K) in batches."""
+    import torch
+
+    from torchvit.train import predict
+
+    out = [predict(model, torch.from_numpy(images[s:s + batch]).to(device), tta=tta).cpu().numpy()
+           for s in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+
+def run(args) -> int:
+    if args.resume:
+        out = Path(args.resume)
+        spec = common.resumed_run(out, args, FRAMEWORK)
+    else:
+        spec = common.resolve_run(args)
+        out = Path(args.out or f"runs/{FRAMEWORK}-{spec.preset}")
+    if args.eval_only:
+        return eval_only(args, spec, out)
+    recipe, config = spec.recipe, spec.config
+
+    # Everything that can be refused is checked before anything is written.
+    dataset = data.resolve(spec.options.get("data"))
+    if dataset.demo:
+        print(f"DEMO: no --data given and no ./data found, so this trains on {dataset.source} "
+              f"(5,000 real MNIST digits). For the competition, {data.GET_THE_DATA}.",
+              file=sys.stderr)
+    if (config.image_height, config.image_width, config.channels) != (28, 28, 1):
+        raise UsageError(f"the digits are 28x28x1; the config asks for {config.image_height}x"
+                         f"{config.image_width}x{config.channels}")
+    images, labels = dataset.train_images, dataset.train_labels
+    if spec.options.get("limit_train"):
+        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
+    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
+    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.seed)
+    steps_per_epoch = len(train_idx) // recipe.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
+                         f"({len(train_idx)} images)")
+    common.prepare_out(out)
+
+    import torch
+
+    from torchvit import train as tt
+    from torchvit.model import ViT
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = spec.options.get("dtype") or "auto"
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    torch.manual_seed(recipe.seed)
+    model = ViT(config).to(device)
+    trainer = tt.Trainer(model, recipe, steps_per_epoch, recipe.seed,
+                         dtype=getattr(torch, dtype_name), compile=bool(spec.options.get("compile")))
+    start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
+    ckpt = out / "checkpoint.safetensors"
+    if args.resume:
+        if not ckpt.exists():
+            raise UsageError(f"{out}: no checkpoint.safetensors yet (killed before the first "
+                             f"epoch ended?); start the run again without --resume")
+        meta = load_checkpoint(ckpt, trainer)
+        start_epoch, best = meta["epoch"] + 1, meta["best"]
+        common.trim_metrics(out, meta["epoch"] + 1)
+        print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
+    else:
+        common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    print(f"torch: 1 device {device}, {dtype_name}, preset {spec.preset}, {len(train_idx)} train / "
+          f"{len(val_idx)} val / {len(test_images)} test images", file=sys.stderr)
+    x_all = torch.from_numpy(images[train_idx]).to(device)  # (N, 28, 28) uint8, on the device
+    y_all = torch.from_numpy(labels[train_idx].astype(np.int64)).to(device)
+    eval_model = ViT(config).to(device)
+
+    def eval_weights():
+        eval_model.load_state_dict(trainer.eval_state())
+        return eval_model
+
+    wall0 = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, recipe.epochs):
+            t0 = time.perf_counter()
+            order = torch.from_numpy(data.epoch_order(len(train_idx), recipe.seed, epoch)
+                                     [: steps_per_epoch * recipe.batch_size]).to(device)
+            trainer.totals = None
+            bar = _bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
+            for i in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                idx = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+                trainer.train_step(x_all, y_all, idx, step)
+                if bar is not None and (i % 20 == 19 or i == steps_per_epoch - 1):
+                    loss_sum, correct, count = trainer.totals.tolist()
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
+                                    img_s=f"{count / (time.perf_counter() - t0):.0f}")
+                    bar.update(i + 1 - bar.n)
+            loss_sum, correct, count = trainer.totals.tolist()
+            train_time = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            if not np.isfinite(loss_sum):
+                kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
+                print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
+                      f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
+                return 3
+            row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
+                   "lr": common.lr_at((epoch + 1) * steps_per_epoch - 1, recipe.lr,
+                                      *common.schedule_steps(recipe, steps_per_epoch)),
+                   "img_per_s": count / train_time, "epoch_seconds": train_time}
+            if len(val_idx):
+                probs = evaluate(eval_weights(), images[val_idx], device)
+                row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_idx)),
+                                                              labels[val_idx]] + 1e-12)))
+                row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
+                if row["val_acc"] > best["val_acc"]:
+                    best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
+                    W.save(out / "best.safetensors",
+                           W.torch_to_canonical(trainer.eval_state()), config)
+            row["wall_seconds"] = time.perf_counter() - wall0
+            common.append_metrics(out, row)
+            save_checkpoint(ckpt, trainer, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
+            val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+            print(f"epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f}, "
+                  f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s",
+                  file=sys.stderr)
+    except KeyboardInterrupt:
+        done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
+        print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
+              f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
+        return 130
+
+    W.save(out / "model.safetensors", W.torch_to_canonical(trainer.eval_state()), config)
+    chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
+    tensors, _ = W.load(chosen, config)
+    eval_model.load_state_dict(W.canonical_to_torch(tensors, config))
+    tta = bool(spec.options.get("tta"))
+    probs = evaluate(eval_model, test_images, device, tta=tta)
+    data.write_submission(out / "submission.csv", probs.argmax(-1))
+    print(f"wrote {out / 'submission.csv'} ({len(probs)} rows, weights: {chosen.name}"
+          f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
+          f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def eval_only(args, spec, out: Path) -> int:
+    """Evaluate a canonical checkpoint (from either trainer) and write the submission."""
+    if not args.checkpoint:
+        raise UsageError("--eval-only needs --checkpoint FILE (a canonical .safetensors)")
+    config = W.read_config(args.checkpoint)
+    tensors, config = W.load(args.checkpoint, config)
+    dataset = data.resolve(spec.options.get("data"))
+    common.prepare_out(out)
+
+    import torch
+
+    from torchvit.model import ViT
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ViT(config).to(device)
+    model.load_state_dict(W.canonical_to_torch(tensors, config))
+    images, labels = dataset.train_images, dataset.train_labels
+    if spec.options.get("limit_train"):
+        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
+    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.seed)
+    if len(val_idx):
+        probs = evaluate(model, images[val_idx], device, tta=bool(args.tta))
+        acc = float(np.mean(probs.argmax(-1) == labels[val_idx]))
+        print(f"val acc {acc:.4f} on {len(val_idx)} images", file=sys.stderr)
+    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
+    probs = evaluate(model, test_images, device, tta=bool(args.tta))
+    data.write_submission(out / "submission.csv", probs.argmax(-1))
+    print(f"wrote {out / 'submission.csv'} ({len(probs)} rows)", file=sys.stderr)
+    return 0
+
+
+def _bar(total: int, epoch: int, epochs: int, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                file=sys.stderr, mininterval=0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = common.build_parser("train/torch_main.py", "PyTorch").parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, data.DataError, W.WeightsError, ConfigError) as e:
+        fail(str(e))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
