@@ -138,5 +138,5 @@ def test_unwritable_output_directory_is_refused(comp, tmp_path):
     else:
         (tmp_path / "ro").mkdir(mode=0o500)
         target = str(tmp_path / "ro" / "run")
-    proc = trainer("flax", "--data", str(comp), "--out", target, check=False, *FAST)
+    proc = trainer("flax", "--data", str(comp), "--out", target, *FAST, check=False)
     assert proc.returncode == 2 and "cannot write the run directory" in proc.stderr

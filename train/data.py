@@ -56,7 +56,7 @@ def _read_csv(raw: bytes, name: str, header: list[str]) -> np.ndarray:
         if first == TRAIN_HEADER and header == TEST_HEADER:
             raise DataError(f"{name}: test.csv carries a 'label' column; expected only "
                             f"pixel0..pixel{PIXELS - 1}")
-        bad = next((i for i, (a, b) in enumerate(zip(first, header)) if a != b), None)
+        bad = next((i for i, (a, b) in enumerate(zip(first, header, strict=False)) if a != b), None)
         if bad is None:
             detail = f"{len(first)} columns, expected {len(header)}"
         else:
