@@ -39,6 +39,7 @@ class Recipe:
     scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     shear: float = 0.0  # degrees
     val_fraction: float = 0.1
+    split_seed: int = 0
     seed: int = 0
 
 
@@ -65,7 +66,9 @@ RECIPE_HELP = {
     "scale": "augmentation: max zoom in or out, as a fraction (0: off)",
     "shear": "augmentation: max shear in degrees (0: off)",
     "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
-    "seed": "seed of the split, the init, the data order, augmentation and dropout",
+    "split_seed": "seed of the validation split (kept apart from --seed so that runs and "
+                  "ensembles of several seeds are scored on the same held-out images)",
+    "seed": "seed of the init, the data order, augmentation and dropout",
 }
 
 # Options that change nothing about the run's result, so a resume may give other values.

@@ -27,6 +27,7 @@ from train import common, data
 from train.common import UsageError, fail
 
 FRAMEWORK = "flax"
+LAUNCH = time.time()  # "since_launch_s" in metrics.jsonl counts from here (jax/torch imports later)
 
 
 # ---- checkpoints: the whole state pytree as one safetensors file ----------------------------
@@ -106,7 +107,7 @@ def run(args) -> int:
     if spec.options.get("limit_train"):
         images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
     test_images = dataset.test_images[: spec.options.get("limit_test") or None]
-    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.seed)
+    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.split_seed)
     steps_per_epoch = len(train_idx) // recipe.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
@@ -190,6 +191,7 @@ def run(args) -> int:
                     W.save(out / "best.safetensors",
                            W.flax_to_canonical(jax.device_get(weights_of(state))), config)
             row["wall_seconds"] = time.perf_counter() - wall0
+            row["since_launch_s"] = time.time() - LAUNCH
             common.append_metrics(out, row)
             save_checkpoint(ckpt, state, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
             val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
@@ -236,7 +238,7 @@ def eval_only(args, spec, out: Path) -> int:
     images, labels = dataset.train_images, dataset.train_labels
     if spec.options.get("limit_train"):
         images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
-    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.seed)
+    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.split_seed)
     if len(val_idx):
         acc = float(np.mean(evaluate(predict, params, images[val_idx]).argmax(-1) == labels[val_idx]))
         print(f"val acc {acc:.4f} on {len(val_idx)} images", file=sys.stderr)

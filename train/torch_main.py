@@ -26,6 +26,7 @@ from train import common, data
 from train.common import UsageError, fail
 
 FRAMEWORK = "torch"
+LAUNCH = time.time()  # "since_launch_s" in metrics.jsonl counts from here (jax/torch imports later)
 
 
 # ---- checkpoints: model, EMA and optimizer state as one safetensors file --------------------
@@ -116,7 +117,7 @@ def run(args) -> int:
     if spec.options.get("limit_train"):
         images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
     test_images = dataset.test_images[: spec.options.get("limit_test") or None]
-    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.seed)
+    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.split_seed)
     steps_per_epoch = len(train_idx) // recipe.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
@@ -201,6 +202,7 @@ def run(args) -> int:
                     W.save(out / "best.safetensors",
                            W.torch_to_canonical(trainer.eval_state()), config)
             row["wall_seconds"] = time.perf_counter() - wall0
+            row["since_launch_s"] = time.time() - LAUNCH
             common.append_metrics(out, row)
             save_checkpoint(ckpt, trainer, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
             val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
@@ -245,7 +247,7 @@ def eval_only(args, spec, out: Path) -> int:
     images, labels = dataset.train_images, dataset.train_labels
     if spec.options.get("limit_train"):
         images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
-    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.seed)
+    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.split_seed)
     if len(val_idx):
         probs = evaluate(model, images[val_idx], device, tta=bool(args.tta))
         acc = float(np.mean(probs.argmax(-1) == labels[val_idx]))

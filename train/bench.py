@@ -1,0 +1,391 @@
+"""Framework speed comparison: the same ViT, the same batch, Flax against PyTorch.
+
+    python train/bench.py --preset base --batch-size 1024 --steps 50 --out bench_out
+
+For each mode (Flax jitted fp32/bf16, PyTorch eager fp32/bf16, torch.compile fp32/bf16) it
+times the train step (forward + backward + AdamW update) and inference, after warm-up,
+synchronizing the device before every clock read; the first (compiling) call is reported
+apart. It also times patchify, the naive loop against the vectorized reshape, after checking
+that they agree. Writes bench.json (one row per measurement), bench.md and bench.png.
+
+"fp32" means float32 matmuls on both sides (JAX precision 'highest', torch 'highest', no
+TF32); "bf16" means bfloat16 compute with float32 weights (Flax: module dtype; PyTorch:
+autocast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from parity.config import PRESETS, ViTConfig, preset
+
+MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
+         "torch-compile-fp32", "torch-compile-bf16"]
+# Dense peak TFLOP/s by device name fragment: (fp32 non-tensor-core, bf16 tensor core).
+PEAKS = {"H100 80GB HBM3": (66.9, 989.4), "H100 PCIe": (51.2, 756.0), "H200": (66.9, 989.4),
+         "A100": (19.5, 312.0)}
+
+
+def flops_per_image(c: ViTConfig) -> float:
+    """Forward matmul FLOPs of one image (2 per multiply-add); a train step is ~3x this."""
+    t, d, m = c.num_tokens, c.width, c.mlp_dim
+    per_block = 2 * t * d * (3 * d) + 2 * t * d * d + 2 * 2 * t * d * m + 2 * 2 * t * t * d
+    return float(2 * c.num_patches * c.patch_dim * d + c.depth * per_block + 2 * d * c.num_classes)
+
+
+def summarize(times: list[float]) -> dict:
+    q = np.percentile(times, [10, 50, 90])
+    return {"median_s": float(q[1]), "p10_s": float(q[0]), "p90_s": float(q[2]), "n": len(times)}
+
+
+def run_timed(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """-> (first call seconds, per-step seconds after warm-up)."""
+    t0 = time.perf_counter()
+    sync(step())
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        sync(step())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(step())
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+# ---- Flax ----------------------------------------------------------------------------------
+def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxvit import train as jt
+    from jaxvit.model import ViT
+    from train.common import Recipe
+
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    model = ViT(config, dtype=dtype)
+    tx = jt.make_optimizer(Recipe(epochs=10), steps_per_epoch=1000)
+    state = jt.create_state(config, Recipe(), tx, seed)
+    state = {"params": state["params"], "opt_state": state["opt_state"]}
+    rng = np.random.default_rng(seed)
+    x = jax.device_put(rng.standard_normal((batch, config.image_height, config.image_width,
+                                            config.channels), dtype=np.float32))
+    y = jax.device_put(rng.integers(0, config.num_classes, batch).astype(np.int32))
+    key = jax.random.PRNGKey(0)
+
+    def train_step(state, x, y):
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    precision = "highest" if not bf16 else "default"
+    with jax.default_matmul_precision(precision):
+        train = jax.jit(train_step, donate_argnums=0)
+        infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        holder = {"state": state}
+
+        def one_train():
+            holder["state"], loss = train(holder["state"], x, y)
+            return loss
+
+        train_first, train_times = run_timed(one_train, lambda r: r.block_until_ready(), warmup, steps)
+        infer_first, infer_times = run_timed(lambda: infer(holder["state"]["params"], x),
+                                             lambda r: r.block_until_ready(), warmup, steps)
+    return (train_first, train_times), (infer_first, infer_times)
+
+
+# ---- PyTorch -------------------------------------------------------------------------------
+def bench_torch(config: ViTConfig, batch: int, bf16: bool, compiled: bool, warmup: int,
+                steps: int, seed: int = 0):
+    import torch
+    import torch.nn.functional as F
+
+    from torchvit import train as tt
+    from torchvit.model import ViT
+    from train.common import Recipe
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_float32_matmul_precision("highest")
+    torch.manual_seed(seed)
+    model = ViT(config).to(device)
+    opt = tt.make_optimizer(model, Recipe())
+    for g in opt.param_groups:
+        g["lr"] = 1e-4
+    forward = torch.compile(model) if compiled else model
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((batch, config.channels, config.image_height,
+                                              config.image_width), dtype=np.float32)).to(device)
+    y = torch.from_numpy(rng.integers(0, config.num_classes, batch)).to(device)
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def sync(_):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def one_train():
+        model.train()
+        with autocast():
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    train = run_timed(one_train, sync, warmup, steps)
+    model.eval()
+
+    def one_infer():
+        with torch.inference_mode(), autocast():
+            return forward(x)
+
+    infer = run_timed(one_infer, sync, warmup, steps)
+    return train, infer
+
+
+# ---- patchify ------------------------------------------------------------------------------
+def bench_patchify(framework: str, batches: list[int], patch: int, steps: int) -> list[dict]:
+    """Naive loop vs vectorized reshape in one framework, after checking they agree exactly
+    (with each other and with the NumPy reference)."""
+    from parity import reference
+
+    rows = []
+    for b in batches:
+        x = np.random.default_rng(0).random((b, 28, 28, 1), dtype=np.float32)
+        ref = reference.patchify(x, patch)
+        if framework == "flax":
+            import jax
+
+            from jaxvit import model as jm
+
+            xj = jax.device_put(x)
+            fast, jit_naive = jax.jit(jm.patchify, static_argnums=1), jax.jit(jm.patchify_naive,
+                                                                             static_argnums=1)
+            outs = [fast(xj, patch), jm.patchify_naive(xj, patch), jit_naive(xj, patch),
+                    jm.patchify(xj, patch)]
+            agree = all(np.array_equal(np.asarray(o), ref) for o in outs)
+
+            def sync(r):
+                return r.block_until_ready()
+
+            cases = {"naive (eager Python loop)": lambda: jm.patchify_naive(xj, patch),
+                     "naive (jitted)": lambda: jit_naive(xj, patch),
+                     "vectorized (eager)": lambda: jm.patchify(xj, patch),
+                     "vectorized (jitted)": lambda: fast(xj, patch)}
+        else:
+            import torch
+
+            from torchvit import model as tm
+
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
+            agree = all(np.array_equal(o.cpu().numpy(), ref)
+                        for o in (tm.patchify(xt, patch), tm.patchify_naive(xt, patch)))
+
+            def sync(_):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+
+            cases = {"naive (eager Python loop)": lambda: tm.patchify_naive(xt, patch),
+                     "vectorized (eager)": lambda: tm.patchify(xt, patch)}
+        if not agree:
+            raise SystemExit(f"{framework} patchify implementations disagree at batch {b}")
+        for impl, fn in cases.items():
+            _, times = run_timed(fn, sync, 3, steps)
+            rows.append({"kind": "patchify", "framework": framework, "mode": impl, "batch": b,
+                         "patch": patch, **summarize(times)})
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------
+def environment(framework: str) -> dict:
+    """Device and versions. Only the measured framework is initialized: JAX's CPU client alone
+    (its thread pool) slows PyTorch's CPU kernels in the same process ~50x (seen here)."""
+    from importlib.metadata import version
+
+    device = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    backend = "cpu"
+    if framework == "flax":
+        import jax
+
+        backend = jax.default_backend()
+        if backend == "gpu":
+            device = jax.devices()[0].device_kind
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            device, backend = torch.cuda.get_device_name(0), "gpu"
+    return {"device": device, "backend": backend, "jax": version("jax"), "flax": version("flax"),
+            "optax": version("optax"), "torch": version("torch"),
+            "python": platform.python_version()}
+
+
+def peak_for(device: str, bf16: bool) -> float | None:
+    for frag, (fp32, bf) in PEAKS.items():
+        if frag in device:
+            return bf if bf16 else fp32
+    return None
+
+
+ENV_KEYS = ("device", "backend", "jax", "flax", "optax", "torch", "python")
+
+
+def worker(args) -> list[dict]:
+    """One measurement (a mode, or patchify in one framework), in its own process."""
+    config = preset(args.preset)
+    env = environment("flax" if args.worker.split("-")[-1] == "flax" or
+                      args.worker.startswith("flax") else "torch")
+    if args.worker.startswith("patchify-"):
+        rows = bench_patchify(args.worker.split("-", 1)[1],
+                              [int(b) for b in args.patchify_batches.split(",") if b],
+                              config.patch_size, max(args.steps, 5))
+        return [{**r, **env} for r in rows]
+    mode = args.worker
+    bf16 = mode.endswith("bf16")
+    if mode.startswith("flax"):
+        train, infer = bench_flax(config, args.batch_size, bf16, args.warmup, args.steps)
+    else:
+        train, infer = bench_torch(config, args.batch_size, bf16, "compile" in mode,
+                                   args.warmup, args.steps)
+    fpi = flops_per_image(config)
+    rows = []
+    for kind, (first, times), flops in (("train", train, 3 * fpi), ("inference", infer, fpi)):
+        s = summarize(times)
+        ips = args.batch_size / s["median_s"]
+        tflops = ips * flops / 1e12
+        peak = peak_for(env["device"], bf16)
+        rows.append({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
+                     "preset": args.preset, "config": config.to_dict(), "batch": args.batch_size,
+                     "flops_per_image": flops, "img_per_s": ips,
+                     "img_per_s_p10_p90": [args.batch_size / s["p90_s"], args.batch_size / s["p10_s"]],
+                     "first_call_s": first, "tflops": tflops,
+                     "mfu": tflops / peak if peak else None, **s, **env})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--patchify-batches", default="64,1024,8192")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="cpu forces both frameworks onto the CPU")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or args.batch_size < 1 or args.steps < 1:
+        print(f"error: unknown mode(s) {unknown}; choose from {MODES}" if unknown
+              else "error: --batch-size and --steps must be >= 1", file=sys.stderr)
+        return 2
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    jobs = modes + ([f"patchify-{fw}" for fw in ("flax", "torch")] if args.patchify_batches else [])
+    for job in jobs:
+        # One process per measurement: JAX's and PyTorch's CPU thread pools in one process
+        # slow each other down (seen here: PyTorch 50x slower after JAX had run).
+        print(f"timing {job} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", job]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(f"error: {job} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {k: rows[0][k] for k in ENV_KEYS} if rows else {}
+    (out / "bench.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, env, args)
+    (out / "bench.md").write_text(table)
+    print(table)
+    plot(rows, out / "bench.png", env["device"], args)
+    return 0
+
+
+def markdown(rows: list[dict], env: dict, args) -> str:
+    lines = [f"Device: {env['device']}; jax {env['jax']}, flax {env['flax']}, "
+             f"torch {env['torch']}; preset `{args.preset}`, batch {args.batch_size}, "
+             f"median of {args.steps} timed steps", "",
+             "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU | first train call (s) "
+             "| inference img/s | first inference call (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_mode: dict[str, dict] = {}
+    for r in rows:
+        if r["kind"] in ("train", "inference"):
+            by_mode.setdefault(r["mode"], {})[r["kind"]] = r
+    for mode, d in by_mode.items():
+        t, i = d["train"], d["inference"]
+        mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "n/a"
+        lines.append(f"| {mode} | {t['img_per_s']:,.0f} | {t['img_per_s_p10_p90'][0]:,.0f}-"
+                     f"{t['img_per_s_p10_p90'][1]:,.0f} | {t['tflops']:.2f} | {mfu} | "
+                     f"{t['first_call_s']:.2f} | {i['img_per_s']:,.0f} | {i['first_call_s']:.2f} |")
+    patch = [r for r in rows if r["kind"] == "patchify"]
+    if patch:
+        lines += ["", f"| patchify (28x28x1, patch {patch[0]['patch']}) | batch | median | p10-p90 |",
+                  "|---|---|---|---|"]
+        for r in patch:
+            lines.append(f"| {r['framework']} {r['mode']} | {r['batch']} | {_t(r['median_s'])} | "
+                         f"{_t(r['p10_s'])}-{_t(r['p90_s'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _t(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def plot(rows: list[dict], path: Path, device: str, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [r["mode"] for r in rows if r["kind"] == "train"]
+    if not modes:
+        return
+    train = [r["img_per_s"] for r in rows if r["kind"] == "train"]
+    infer = [r["img_per_s"] for r in rows if r["kind"] == "inference"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    pos = np.arange(len(modes))
+    ax.bar(pos - 0.2, train, 0.4, label="train step (fwd+bwd+AdamW)")
+    ax.bar(pos + 0.2, infer, 0.4, label="inference")
+    ax.set_xticks(pos, modes, rotation=20, ha="right")
+    ax.set_ylabel("images / second (median)")
+    ax.set_title(f"ViT preset '{args.preset}', batch {args.batch_size} on {device}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
