@@ -172,6 +172,8 @@ def load_demo() -> Dataset:
     images = table[:, :-1].reshape(-1, SIDE, SIDE).astype(np.uint8)
     labels = table[:, -1].astype(np.int32)
     train_idx, test_idx = stratified_split(labels, 0.2, seed=12345)
+    rng = np.random.default_rng(12345)  # the file is sorted by label: shuffle, so that any
+    train_idx, test_idx = rng.permutation(train_idx), rng.permutation(test_idx)  # prefix is mixed
     return Dataset(images[train_idx], labels[train_idx], images[test_idx],
                    source=f"demo: {src}", demo=True)
 

@@ -1,0 +1,98 @@
+"""Average the predictions of several finished runs (either trainer) and write one submission.
+
+    python train/ensemble.py runs/s0 runs/s1 runs/s2 --data digit-recognizer.zip --tta --out runs/ens
+
+Each member contributes its best.safetensors (its model.safetensors when it had no
+validation split). The members must share the validation split (same --val-fraction and
+--split-seed), so that the ensemble's validation accuracy is measured on images that no
+member trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from parity import weights as W
+from train import data
+from train.common import UsageError, fail, prepare_out
+
+
+def member_weights(run_dir: Path) -> tuple[Path, dict]:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{run_dir}: not a run directory (no config.json)")
+    run = json.loads(config_path.read_text())
+    for name in ("best.safetensors", "model.safetensors"):
+        if (run_dir / name).is_file():
+            return run_dir / name, run
+    raise UsageError(f"{run_dir}: holds no weights yet (no best.safetensors or model.safetensors)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="finished run directories")
+    p.add_argument("--data", default=None, help="the competition download (zip or folder)")
+    p.add_argument("--tta", action="store_true", help="also average over small shifts")
+    p.add_argument("--out", default="runs/ensemble", help="where submission.csv and ensemble.json go")
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, data.DataError, W.WeightsError) as e:
+        fail(str(e))
+    return 2
+
+
+def run(args) -> int:
+    members = [member_weights(Path(r)) for r in args.runs]
+    splits = {(m["recipe"]["val_fraction"], m["recipe"].get("split_seed", 0),
+               m["options"].get("limit_train")) for _, m in members}
+    if len(splits) > 1:
+        raise UsageError(f"the runs were scored on different validation splits {sorted(splits)}; "
+                         f"an ensemble needs one (same --val-fraction and --split-seed)")
+    val_fraction, split_seed, limit = splits.pop()
+    dataset = data.resolve(args.data)
+    out = Path(args.out)
+    prepare_out(out)
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvit import train as jt
+    from jaxvit.model import ViT
+    from train.flax_main import evaluate
+
+    images, labels = dataset.train_images[:limit], dataset.train_labels[:limit]
+    _, val_idx = data.stratified_split(labels, val_fraction, split_seed)
+    val_probs, test_probs, report = [], [], {"members": []}
+    for path, _ in members:
+        tensors, config = W.load(path)
+        params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
+        predict = jt.make_predict(ViT(config), tta=args.tta)
+        test_probs.append(evaluate(predict, params, dataset.test_images))
+        if len(val_idx):
+            val_probs.append(evaluate(predict, params, images[val_idx]))
+            acc = float(np.mean(val_probs[-1].argmax(-1) == labels[val_idx]))
+            report["members"].append({"weights": str(path), "val_acc": acc})
+            print(f"{path}: val acc {acc:.4f}", file=sys.stderr)
+    if val_probs:
+        report["ensemble_val_acc"] = float(np.mean(np.mean(val_probs, 0).argmax(-1) == labels[val_idx]))
+        report["val_images"] = int(len(val_idx))
+        print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''}: val acc "
+              f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images", file=sys.stderr)
+    report["tta"] = bool(args.tta)
+    data.write_submission(out / "submission.csv", np.mean(test_probs, 0).argmax(-1))
+    (out / "ensemble.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'submission.csv'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

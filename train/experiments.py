@@ -1,0 +1,139 @@
+"""Run a plan of training runs (the ablation table's source) and collect one JSON of results.
+
+    python train/experiments.py --plan gpu-b --data digit-recognizer.zip --out exp
+
+Each run is a real subprocess of train/flax_main.py or train/torch_main.py, timed from
+launch (imports and compilation included). For every run the results hold its final and best
+validation accuracy, the seconds from launch to 99.0% / 99.5% validation accuracy, its
+throughput and its whole wall time; for every group of seeds, the mean and sd. Ensembles of
+finished runs go through train/ensemble.py. results.json is rewritten after every run, so a
+plan cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_AUG = ["--rotate", "0", "--translate", "0", "--scale", "0"]
+
+
+def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax") -> dict:
+    return {"name": name, "args": args, "group": group or name, "trainer": trainer}
+
+
+PLANS: dict[str, dict] = {
+    # Seconds on a CPU: checks the runner itself (used by the tests).
+    "smoke": {"runs": [R("tiny-s0", ["--preset", "tiny", "--epochs", "1"], "tiny"),
+                       R("tiny-s1", ["--preset", "tiny", "--epochs", "1", "--seed", "1"], "tiny")],
+              "ensembles": [("tiny-ens", ["tiny-s0", "tiny-s1"], True)]},
+    # GPU, part A: the CPU recipe's accuracy per epoch, the fast recipe, both twins on `base`.
+    "gpu-a": {"runs": [
+        R("fast-base-e10", ["--preset", "base", "--epochs", "10", "--lr", "2e-3"]),
+        R("base-e30", ["--preset", "base"]),
+        R("torch-base-e30", ["--preset", "base"], trainer="torch"),
+        R("small-e10-fp32", ["--preset", "small", "--dtype", "float32", "--lr", "2e-3"]),
+        R("small-e12-lr3e-3-fp32", ["--preset", "small", "--dtype", "float32", "--epochs", "12",
+                                    "--lr", "3e-3"]),
+    ], "ensembles": []},
+    # GPU, part B: the accuracy recipe over 3 seeds, its ensemble, ablations, final submission.
+    "gpu-b": {"runs": [
+        R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),
+        R("kaggle-s1", ["--preset", "kaggle", "--seed", "1"], "kaggle"),
+        R("kaggle-s2", ["--preset", "kaggle", "--seed", "2"], "kaggle"),
+        R("kaggle-noaug", ["--preset", "kaggle", *NO_AUG]),
+        R("kaggle-noema", ["--preset", "kaggle", "--ema-decay", "0"]),
+        R("kaggle-all-data", ["--preset", "kaggle", "--val-fraction", "0"]),
+    ], "ensembles": [("kaggle-ens3", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], False),
+                     ("kaggle-ens3-tta", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], True)]},
+}
+
+
+def summarize_run(run: dict, out: Path, wall: float, returncode: int) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    res = {**run, "returncode": returncode, "wall_s": wall, "epochs": len(rows)}
+    if rows:
+        res["final_val_acc"] = rows[-1].get("val_acc")
+        res["best_val_acc"] = max((r.get("val_acc", -1) for r in rows), default=None)
+        res["median_img_per_s"] = statistics.median(r["img_per_s"] for r in rows)
+        res["train_seconds"] = sum(r["epoch_seconds"] for r in rows)
+        for target in (0.99, 0.995, 0.997):
+            hit = [r for r in rows if r.get("val_acc", 0) >= target]
+            res[f"s_to_{target}"] = hit[0]["since_launch_s"] if hit else None
+            res[f"epoch_to_{target}"] = hit[0]["epoch"] if hit else None
+        res["curve"] = [[r["epoch"], r.get("val_acc"), round(r["since_launch_s"], 2)] for r in rows]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True, choices=sorted(PLANS))
+    p.add_argument("--data", default=None)
+    p.add_argument("--out", default="experiments")
+    p.add_argument("--only", default=None, help="comma-separated run names to keep")
+    p.add_argument("--extra", default="", help="extra options appended to every run (e.g. --limit-train 800)")
+    args = p.parse_args(argv)
+    plan = PLANS[args.plan]
+    keep = set(args.only.split(",")) if args.only else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    results: dict = {"plan": args.plan, "runs": [], "groups": {}, "ensembles": []}
+    data_args = ["--data", args.data] if args.data else []
+    for run in plan["runs"]:
+        if keep and run["name"] not in keep:
+            continue
+        run_dir = out / run["name"]
+        cmd = [sys.executable, str(ROOT / "train" / f"{run['trainer']}_main.py"), "--quiet",
+               *data_args, "--out", str(run_dir), *run["args"], *args.extra.split()]
+        print(f"== {run['name']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        with open(out / f"{run['name']}.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        res = summarize_run(run, run_dir, time.time() - t0, proc.returncode)
+        results["runs"].append(res)
+        print(f"   -> rc {proc.returncode}, final val {res.get('final_val_acc')}, best "
+              f"{res.get('best_val_acc')}, to 99.5%: {res.get('s_to_0.995')} s, wall "
+              f"{res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+        _groups(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    for name, members, tta in plan["ensembles"]:
+        dirs = [str(out / m) for m in members if (out / m / "config.json").exists()]
+        if len(dirs) < 2:
+            continue
+        cmd = [sys.executable, str(ROOT / "train" / "ensemble.py"), *dirs, *data_args,
+               "--out", str(out / name)] + (["--tta"] if tta else [])
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        report = json.loads((out / name / "ensemble.json").read_text()) if proc.returncode == 0 else {}
+        results["ensembles"].append({"name": name, "members": members, "tta": tta,
+                                     "returncode": proc.returncode, "wall_s": time.time() - t0,
+                                     **report, "stderr": proc.stderr[-1500:]})
+        print(f"== {name}: {report.get('ensemble_val_acc')}", file=sys.stderr, flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _groups(results: dict) -> None:
+    groups: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault(r["group"], []).append(r)
+    for name, runs in groups.items():
+        accs = [r["final_val_acc"] for r in runs if r.get("final_val_acc") is not None]
+        if accs:
+            results["groups"][name] = {
+                "n": len(accs), "mean_final_val_acc": statistics.mean(accs),
+                "sd_final_val_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "mean_wall_s": statistics.mean(r["wall_s"] for r in runs)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
