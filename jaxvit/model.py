@@ -208,12 +208,14 @@ class ViT(nn.Module):
         """Eq. 1: (B, H, W, C) -> z0 (B, T, D)."""
         c = self.config
         patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
-        x = self.patch_embed(patches)  # (B, N, D)
+        # The residual stream stays float32 whatever the compute dtype (as under torch autocast):
+        # a bf16 stream loses the small block updates and trains measurably worse.
+        x = self.patch_embed(patches).astype(jnp.float32)  # (B, N, D)
         out["patches"], out["stem"] = patches, x
         if c.pool == "cls":
-            cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, c.width)).astype(x.dtype)
+            cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, c.width))
             x = jnp.concatenate([cls, x], axis=1)  # (B, 1+N, D)
-        x = x + self.posemb_table().astype(x.dtype)  # (B, T, D)
+        x = x + self.posemb_table()  # (B, T, D)
         out["with_posemb"] = x
         return self.pos_drop(x, deterministic=not train)
 

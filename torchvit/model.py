@@ -207,12 +207,14 @@ class ViT(nn.Module):
         """Eq. 1: (B, C, H, W) -> z0 (B, T, D)."""
         c = self.config
         patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
-        x = self.patch_embed(patches)  # (B, N, D)
+        # The residual stream stays float32 whatever the compute dtype (autocast included):
+        # a bf16 stream loses the small block updates and trains measurably worse.
+        x = self.patch_embed(patches).float()  # (B, N, D)
         out["patches"], out["stem"] = patches, x
         if c.pool == "cls":
-            cls = self.cls_token.expand(x.shape[0], 1, c.width).to(x.dtype)
+            cls = self.cls_token.expand(x.shape[0], 1, c.width)
             x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
-        x = x + self.posemb_table().to(x.dtype)  # (B, T, D)
+        x = x + self.posemb_table()  # (B, T, D)
         out["with_posemb"] = x
         return self.pos_drop(x)
 

@@ -43,6 +43,15 @@ PLANS: dict[str, dict] = {
         R("small-e12-lr3e-3-fp32", ["--preset", "small", "--dtype", "float32", "--epochs", "12",
                                     "--lr", "3e-3"]),
     ], "ensembles": []},
+    # GPU, part C (the last device minutes): the bf16 residual-stream fix checked on `base`,
+    # then the accuracy recipe over 3 seeds and its ensembles.
+    "gpu-c": {"runs": [
+        R("base-e30-fp32stream", ["--preset", "base"]),
+        R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),
+        R("kaggle-s1", ["--preset", "kaggle", "--seed", "1"], "kaggle"),
+        R("kaggle-s2", ["--preset", "kaggle", "--seed", "2"], "kaggle"),
+    ], "ensembles": [("kaggle-ens3", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], False),
+                     ("kaggle-ens3-tta", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], True)]},
     # GPU, part B: the accuracy recipe over 3 seeds, its ensemble, ablations, final submission.
     "gpu-b": {"runs": [
         R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),

@@ -124,7 +124,7 @@ def run(args) -> int:
     if dtype_name == "auto":
         dtype_name = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     model = ViT(config, dtype=jnp.dtype(dtype_name))
-    eval_model = ViT(config, dtype=jnp.dtype(dtype_name))
+    eval_model = ViT(config)  # evaluation in float32, like the PyTorch twin
     tx = jt.make_optimizer(recipe, steps_per_epoch)
     state = jt.create_state(config, recipe, tx, recipe.seed)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
