@@ -115,6 +115,9 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--widht", "3"], "unrecognized arguments: --widht 3"),
+    (["--batch-size", "lots"], "invalid int value: 'lots'"),
 ])
 def test_bad_options_fail_with_one_line_and_no_outputs(args, words, tmp_path, comp):
     extra = [] if "--data" in args else ["--data", str(comp)]
@@ -140,3 +143,17 @@ def test_unwritable_output_directory_is_refused(comp, tmp_path):
         target = str(tmp_path / "ro" / "run")
     proc = trainer("flax", "--data", str(comp), "--out", target, *FAST, check=False)
     assert proc.returncode == 2 and "cannot write the run directory" in proc.stderr
+
+
+def test_a_bad_csv_through_the_trainer_fails_with_one_line_and_no_outputs(tmp_path):
+    folder = write_competition(tmp_path / "comp", 20, 5)
+    lines = (folder / "train.csv").read_text().splitlines()
+    cells = lines[7].split(",")
+    cells[100] = "300"
+    lines[7] = ",".join(cells)
+    (folder / "train.csv").write_text("\n".join(lines) + "\n")
+    for framework in ("flax", "torch"):
+        proc = trainer(framework, "--data", str(folder), "--out", str(tmp_path / "run"), check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert "train.csv: row 8, column 'pixel99' is 300; expected a pixel value in 0..255" in proc.stderr
+        assert not (tmp_path / "run").exists()

@@ -45,7 +45,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(epochs=2, batch_size=128, lr=2e-3),
-    "small": Recipe(epochs=10, batch_size=128, lr=1e-3),
+    "small": Recipe(epochs=10, batch_size=128, lr=2e-3),
     "base": Recipe(epochs=30, batch_size=512, lr=1e-3),
     "kaggle": Recipe(epochs=60, batch_size=512, lr=1e-3, ema_decay=0.999),
 }
@@ -75,8 +75,15 @@ RECIPE_HELP = {
 RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2), not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog,
         description=f"Train the {framework} ViT on Kaggle's Digit Recognizer and write "
                     f"submission.csv. Every option left out comes from the preset's recipe.",
@@ -267,6 +274,16 @@ def trim_metrics(out: Path, last_epoch: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a torn last line
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def pause_for_tests(point: str) -> None:
+    """Sleep at a named point when VIT_TEST_PAUSE=point:seconds: lets the tests kill a real run
+    at a chosen moment (mid-checkpoint-write). Does nothing otherwise."""
+    spec = os.environ.get("VIT_TEST_PAUSE", "")
+    if spec.startswith(point + ":"):
+        import time
+
+        time.sleep(float(spec.split(":", 1)[1]))
 
 
 def fail(message: str) -> None:

@@ -1,0 +1,76 @@
+"""The benchmark, ensemble and experiment commands, run for real at tiny sizes."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from tests.helpers import ROOT, env, trainer, write_competition
+
+
+def _run(*args, timeout=600):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(),
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_writes_rows_table_and_chart(tmp_path):
+    out = tmp_path / "bench"
+    proc = _run(str(ROOT / "train" / "bench.py"), "--preset", "tiny", "--batch-size", "8",
+                "--steps", "2", "--warmup", "1", "--modes", "flax-fp32,torch-eager-fp32",
+                "--patchify-batches", "8", "--out", str(out))
+    rows = json.loads((out / "bench.json").read_text())
+    timed = [r for r in rows if r["kind"] in ("train", "inference")]
+    assert {(r["mode"], r["kind"]) for r in timed} == {
+        (m, k) for m in ("flax-fp32", "torch-eager-fp32") for k in ("train", "inference")}
+    for r in timed:
+        for key in ("device", "jax", "flax", "torch", "config", "batch", "flops_per_image",
+                    "img_per_s", "tflops", "mfu", "median_s", "first_call_s"):
+            assert key in r, key
+        assert r["batch"] == 8 and r["flops_per_image"] > 0 and r["img_per_s"] > 0
+    patch = [r for r in rows if r["kind"] == "patchify"]
+    assert {r["framework"] for r in patch} == {"flax", "torch"}
+    header = "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU |"
+    assert header in proc.stdout and header in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
+    comp = write_competition(tmp_path / "comp", 700, 30, as_zip=True)
+    common = ["--data", str(comp), "--epochs", "1", "--limit-train", "600", "--batch-size", "64",
+              "--val-fraction", "0.2"]
+    trainer("flax", "--preset", "kaggle", *common, "--out", str(tmp_path / "k0"))
+    trainer("flax", "--preset", "kaggle", *common, "--seed", "1", "--out", str(tmp_path / "k1"))
+    cfg = json.loads((tmp_path / "k0" / "config.json").read_text())
+    assert cfg["model"]["drop_path"] == 0.1 and cfg["recipe"]["ema_decay"] > 0
+    proc = _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), str(tmp_path / "k1"),
+                "--data", str(comp), "--tta", "--out", str(tmp_path / "ens"))
+    report = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert report["tta"] and len(report["members"]) == 2 and report["val_images"] == 120
+    assert 0.0 <= report["ensemble_val_acc"] <= 1.0
+    assert "ensemble of 2 with TTA" in proc.stderr
+    assert len(pd.read_csv(tmp_path / "ens" / "submission.csv")) == 30
+
+
+def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):
+    comp = write_competition(tmp_path / "comp", 300, 10, as_zip=True)
+    common = ["--data", str(comp), "--preset", "tiny", "--epochs", "1", "--batch-size", "64"]
+    trainer("flax", *common, "--out", str(tmp_path / "a"))
+    trainer("flax", *common, "--split-seed", "5", "--out", str(tmp_path / "b"))
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ensemble.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--data", str(comp), "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and "different validation splits" in proc.stderr
+
+
+def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
+    comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
+    _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),
+         "--out", str(tmp_path / "exp"), "--extra", "--limit-train 400")
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["tiny-s0", "tiny-s1"]
+    assert all(r["returncode"] == 0 and r["epochs"] == 1 for r in results["runs"])
+    assert results["groups"]["tiny"]["n"] == 2
+    assert results["ensembles"][0]["name"] == "tiny-ens" and "ensemble_val_acc" in results["ensembles"][0]
