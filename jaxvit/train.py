@@ -13,7 +13,9 @@ from typing import Any
 import dm_pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvit.model import ViT
 from parity.config import ViTConfig
@@ -103,17 +105,37 @@ def shift_images(images: jax.Array, dy: int, dx: int) -> jax.Array:
     return padded[:, abs(dy) - dy: abs(dy) - dy + h, abs(dx) - dx: abs(dx) - dx + w]
 
 
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over every device (all hosts' when jax.distributed is initialized), axis 'data'."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def replicate(tree, mesh: Mesh | None):
+    """Put every leaf on every device of the mesh (parameters, optimizer state, the data set)."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
-                    seed: int):
-    """-> jitted step(state, images_u8, labels, order, index, step) -> state."""
+                    seed: int, mesh: Mesh | None = None):
+    """-> jitted step(state, images_u8, labels, order, index, step) -> state.
+
+    With a mesh, the batch is split over its 'data' axis and everything else is replicated;
+    XLA's SPMD partitioner then averages the gradients across devices (an all-reduce), so
+    the step computes the same function as on one device.
+    """
     base_key = jax.random.PRNGKey(seed)
+    shard_batch = (lambda a: a) if mesh is None else (
+        lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
     augmenting = any(getattr(recipe, k) > 0 for k in ("rotate", "translate", "scale", "shear"))
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
                    index: jax.Array, step: jax.Array) -> State:
         idx = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)  # (B,)
-        x = to_unit(images[idx])  # (B, H, W, 1) in [0, 1]
-        y = labels[idx]  # (B,)
+        x = shard_batch(to_unit(images[idx]))  # (B, H, W, 1) in [0, 1], split over devices
+        y = shard_batch(labels[idx])  # (B,)
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
         if augmenting:
             x = augment(x, aug_key, recipe)
@@ -136,7 +158,10 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
             new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
         return new
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0,
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def make_predict(model: ViT, tta: bool):

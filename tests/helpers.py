@@ -63,8 +63,10 @@ def env() -> dict[str, str]:
 
 
 def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 600,
-            check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", *args]
+            check: bool = True, plots: bool = False) -> subprocess.CompletedProcess:
+    """Run a trainer to its end; pictures only when a test asks for them (they take seconds)."""
+    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", *args,
+           *([] if plots else ["--no-plots"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -72,6 +74,7 @@ def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 
 
 
 def popen_trainer(framework: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", *args]
+    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", "--no-plots",
+           *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd, env=env())

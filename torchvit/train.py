@@ -42,15 +42,20 @@ def normalize(x: Tensor) -> Tensor:
     return (x - MEAN) / STD
 
 
-def augment(images: Tensor, recipe) -> Tensor:
-    """Random affine per image: rotation, zoom, shear, shift, each uniform about the identity."""
-    b, dev = images.shape[0], images.device
+def augment(images: Tensor, recipe, rows: slice | None = None, global_batch: int | None = None) -> Tensor:
+    """Random affine per image: rotation, zoom, shear, shift, each uniform about the identity.
 
-    def uniform(size, bound):
-        return (torch.rand(size, device=dev) * 2 - 1) * bound
+    Under data parallelism each process draws the parameters of the whole global batch and
+    keeps its own `rows`, so every image gets the warp it would get in a single process.
+    """
+    n = global_batch or images.shape[0]
+    rows = rows or slice(0, n)
 
-    return warp(images, angle=uniform((b,), recipe.rotate), zoom=1 + uniform((b,), recipe.scale),
-                shear=uniform((b,), recipe.shear), shift=uniform((b, 2), recipe.translate))
+    def uniform(*shape, bound):
+        return ((torch.rand((n, *shape), device=images.device) * 2 - 1) * bound)[rows]
+
+    return warp(images, angle=uniform(bound=recipe.rotate), zoom=1 + uniform(bound=recipe.scale),
+                shear=uniform(bound=recipe.shear), shift=uniform(2, bound=recipe.translate))
 
 
 def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
@@ -95,15 +100,24 @@ class Trainer:
     """model + optimizer + EMA, and the one training step."""
 
     def __init__(self, model: ViT, recipe, steps_per_epoch: int, seed: int,
-                 dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, compile: bool = False,
+                 rank: int = 0, world: int = 1) -> None:
+        """With world > 1 (under torchrun, the process group initialized), the model is wrapped
+        in DistributedDataParallel and each process trains on its slice of every global batch."""
         self.model, self.recipe, self.seed = model, recipe, seed
+        self.rank, self.world = rank, world
         self.optimizer = make_optimizer(model, recipe)
         self.warmup, self.total = schedule_steps(recipe, steps_per_epoch)
         self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
                     if recipe.ema_decay > 0 else None)
         self.augmenting = any(getattr(recipe, k) > 0 for k in ("rotate", "translate", "scale", "shear"))
         self.dtype = dtype
-        self.forward = torch.compile(model) if compile else model
+        wrapped = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model)
+        self.forward = torch.compile(wrapped) if compile else wrapped
         self.totals = None
 
     def autocast(self):
@@ -112,14 +126,17 @@ class Trainer:
         return torch.autocast(device_type=next(self.model.parameters()).device.type, dtype=self.dtype)
 
     def train_step(self, images: Tensor, labels: Tensor, idx: Tensor, step: int) -> None:
-        """One AdamW step on images[idx]; adds (loss sum, correct, count) to self.totals."""
+        """One AdamW step on the global batch images[idx]; adds this process's
+        (loss sum, correct, count) to self.totals."""
         recipe = self.recipe
         torch.manual_seed(step_seed(self.seed, step))
         self.model.train()
-        x = to_unit(images[idx])  # (B, 1, H, W) in [0, 1]
-        y = labels[idx].long()  # (B,)
+        b = idx.shape[0] // self.world
+        rows = slice(self.rank * b, (self.rank + 1) * b)  # this process's share of the batch
+        x = to_unit(images[idx[rows]])  # (b, 1, H, W) in [0, 1]
+        y = labels[idx[rows]].long()  # (b,)
         if self.augmenting:
-            x = augment(x, recipe)
+            x = augment(x, recipe, rows, idx.shape[0])
         x = normalize(x)
         with self.autocast():
             logits = self.forward(x)

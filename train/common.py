@@ -72,7 +72,8 @@ RECIPE_HELP = {
 }
 
 # Options that change nothing about the run's result, so a resume may give other values.
-RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots"}
+RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots",
+                    "no_plots"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -110,6 +111,9 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=int, default=None, metavar="N",
                    help="predict only the first N rows of test.csv (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", dest="no_plots", action="store_true",
+                   help="do not draw the run's pictures into OUT/plots at the end (see "
+                        "python -m train.plots)")
     p.add_argument("--compile", action="store_true",
                    help="PyTorch trainer only: torch.compile the model (Flax always jits)")
     rec = p.add_argument_group("training recipe (defaults: the preset's recipe)")

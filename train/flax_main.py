@@ -4,7 +4,8 @@
 
 The run directory (--out) ends up holding config.json, metrics.jsonl, model.safetensors
 (final weights, canonical format), best.safetensors (best validation accuracy),
-checkpoint.safetensors (everything --resume needs) and submission.csv.
+checkpoint.safetensors (everything --resume needs), submission.csv and plots/ (pictures of
+the run, train/plots.py; --no-plots skips them).
 Twin: train/torch_main.py takes the same options and writes the same files.
 """
 
@@ -117,7 +118,6 @@ def run(args) -> int:
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
                          f"({len(train_idx)} images)")
-    common.prepare_out(out)
 
     import jax
     import jax.numpy as jnp
@@ -125,13 +125,24 @@ def run(args) -> int:
     from jaxvit import train as jt
     from jaxvit.model import ViT
 
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:  # several hosts: one process each
+        jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    devices = jax.devices()
+    if recipe.batch_size % len(devices):
+        n = len(devices)
+        fits = [b for b in (recipe.batch_size // n * n, (recipe.batch_size // n + 1) * n) if b > 0]
+        raise UsageError(f"--batch-size {recipe.batch_size} does not split evenly over {n} "
+                         f"devices; use a multiple of {n}, such as {' or '.join(map(str, fits))}")
+    mesh = jt.data_mesh(devices) if len(devices) > 1 else None
+    common.prepare_out(out)
+
     dtype_name = spec.options.get("dtype") or "auto"
     if dtype_name == "auto":
         dtype_name = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     model = ViT(config, dtype=jnp.dtype(dtype_name))
     eval_model = ViT(config)  # evaluation in float32, like the PyTorch twin
     tx = jt.make_optimizer(recipe, steps_per_epoch)
-    state = jt.create_state(config, recipe, tx, recipe.seed)
+    state = jt.replicate(jt.create_state(config, recipe, tx, recipe.seed), mesh)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
     ckpt = out / "checkpoint.safetensors"
     if args.resume:
@@ -139,6 +150,7 @@ def run(args) -> int:
             raise UsageError(f"{out}: no checkpoint.safetensors yet (killed before the first "
                              f"epoch ended?); start the run again without --resume")
         state, meta = load_checkpoint(ckpt, state)
+        state = jt.replicate(jax.tree_util.tree_map(jnp.asarray, state), mesh)
         start_epoch, best = meta["epoch"] + 1, meta["best"]
         common.trim_metrics(out, meta["epoch"] + 1)
         print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
@@ -146,12 +158,14 @@ def run(args) -> int:
         common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    print(f"flax: {len(jax.devices())} device(s) {jax.devices()[0].device_kind}, {dtype_name}, "
+    print(f"flax: {len(devices)} device(s) ({devices[0].device_kind}"
+          f"{', data-parallel: each global batch split over them' if mesh else ''}), {dtype_name}, "
           f"preset {spec.preset}, {len(train_idx)} train / {len(val_idx)} val / "
           f"{len(test_images)} test images", file=sys.stderr)
-    x_all = jax.device_put(images[train_idx])  # (N, 28, 28) uint8, lives on the device
-    y_all = jax.device_put(labels[train_idx].astype(np.int32))
-    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, recipe.seed)
+    # The training split lives on the device(s) as uint8 (N, 28, 28); every step slices there.
+    x_all = jt.replicate(jax.device_put(images[train_idx]), mesh)
+    y_all = jt.replicate(jax.device_put(labels[train_idx].astype(np.int32)), mesh)
+    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, recipe.seed, mesh)
     predict = jt.make_predict(eval_model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
 
@@ -160,9 +174,9 @@ def run(args) -> int:
     try:
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
-            order = jax.device_put(data.epoch_order(len(train_idx), recipe.seed, epoch)
-                                   [: steps_per_epoch * recipe.batch_size].astype(np.int32))
-            state["totals"] = jnp.zeros(3, jnp.float32)
+            order = jt.replicate(jax.device_put(data.epoch_order(len(train_idx), recipe.seed, epoch)
+                                                [: steps_per_epoch * recipe.batch_size].astype(np.int32)), mesh)
+            state["totals"] = jt.replicate(jnp.zeros(3, jnp.float32), mesh)
             bar = _bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
@@ -220,6 +234,11 @@ def run(args) -> int:
     print(f"wrote {out / 'submission.csv'} ({len(probs)} rows, weights: {chosen.name}"
           f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
           f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
+    # Pictures after the results are on disk, from one process only; they never fail the run.
+    if not spec.options.get("no_plots") and jax.process_index() == 0:
+        from train import plots
+
+        plots.draw_safely(out, dataset)
     return 0
 
 

@@ -3,8 +3,8 @@
     python train/torch_main.py --data ../shared/data/digit-recognizer.zip
 
 Twin of train/flax_main.py: the same options, the same run directory (config.json,
-metrics.jsonl, model.safetensors, best.safetensors, checkpoint.safetensors, submission.csv),
-the same canonical weights. `--eval-only --checkpoint FILE` scores a checkpoint from either.
+metrics.jsonl, model.safetensors, best.safetensors, checkpoint.safetensors, submission.csv,
+plots/), the same canonical weights. `--eval-only --checkpoint FILE` scores a checkpoint from either.
 """
 
 from __future__ import annotations
@@ -127,21 +127,39 @@ def run(args) -> int:
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
                          f"({len(train_idx)} images)")
-    common.prepare_out(out)
 
     import torch
 
     from torchvit import train as tt
     from torchvit.model import ViT
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun: one process per device, each training on its slice of every global batch
+    # (DistributedDataParallel); only rank 0 writes files or prints.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if recipe.batch_size % world:
+        fits = [b for b in (recipe.batch_size // world * world, (recipe.batch_size // world + 1) * world) if b]
+        raise UsageError(f"--batch-size {recipe.batch_size} does not split evenly over {world} "
+                         f"processes; use a multiple of {world}, such as {' or '.join(map(str, fits))}")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    lead = rank == 0
+    if lead:
+        common.prepare_out(out)
     dtype_name = spec.options.get("dtype") or "auto"
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(recipe.seed)
     model = ViT(config).to(device)
     trainer = tt.Trainer(model, recipe, steps_per_epoch, recipe.seed,
-                         dtype=getattr(torch, dtype_name), compile=bool(spec.options.get("compile")))
+                         dtype=getattr(torch, dtype_name), compile=bool(spec.options.get("compile")),
+                         rank=rank, world=world)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
     ckpt = out / "checkpoint.safetensors"
     if args.resume:
@@ -150,14 +168,20 @@ def run(args) -> int:
                              f"epoch ended?); start the run again without --resume")
         meta = load_checkpoint(ckpt, trainer)
         start_epoch, best = meta["epoch"] + 1, meta["best"]
-        common.trim_metrics(out, meta["epoch"] + 1)
-        print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
-    else:
+        if lead:
+            common.trim_metrics(out, meta["epoch"] + 1)
+            print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
+    elif lead:
         common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    print(f"torch: 1 device {device}, {dtype_name}, preset {spec.preset}, {len(train_idx)} train / "
-          f"{len(val_idx)} val / {len(test_images)} test images", file=sys.stderr)
+    if not lead:
+        spec.options["quiet"] = True
+    else:
+        ddp = " (DistributedDataParallel)" if world > 1 else ""
+        print(f"torch: {world} process(es) on {device}{ddp}, {dtype_name}, preset {spec.preset}, "
+              f"{len(train_idx)} train / {len(val_idx)} val / {len(test_images)} test images",
+              file=sys.stderr)
     x_all = torch.from_numpy(images[train_idx]).to(device)  # (N, 28, 28) uint8, on the device
     y_all = torch.from_numpy(labels[train_idx].astype(np.int64)).to(device)
     eval_model = ViT(config).to(device)
@@ -184,6 +208,8 @@ def run(args) -> int:
                     bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
                                     img_s=f"{count / (time.perf_counter() - t0):.0f}")
                     bar.update(i + 1 - bar.n)
+            if world > 1:  # every process's (loss sum, correct, count), added up
+                dist.all_reduce(trainer.totals)
             loss_sum, correct, count = trainer.totals.tolist()
             train_time = time.perf_counter() - t0
             if bar is not None:
@@ -204,10 +230,15 @@ def run(args) -> int:
                 row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
-                    W.save(out / "best.safetensors",
-                           W.torch_to_canonical(trainer.eval_state()), config)
+                    if lead:
+                        W.save(out / "best.safetensors",
+                               W.torch_to_canonical(trainer.eval_state()), config)
             row["wall_seconds"] = time.perf_counter() - wall0
             row["since_launch_s"] = time.time() - LAUNCH
+            if world > 1:
+                dist.barrier()
+            if not lead:
+                continue
             common.append_metrics(out, row)
             save_checkpoint(ckpt, trainer, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
             val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
@@ -220,6 +251,11 @@ def run(args) -> int:
               f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
         return 130
 
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+        if not lead:
+            return 0
     W.save(out / "model.safetensors", W.torch_to_canonical(trainer.eval_state()), config)
     chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
     tensors, _ = W.load(chosen, config)
@@ -230,6 +266,10 @@ def run(args) -> int:
     print(f"wrote {out / 'submission.csv'} ({len(probs)} rows, weights: {chosen.name}"
           f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
           f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
+    if not spec.options.get("no_plots"):  # after the results are on disk; never fails the run
+        from train import plots
+
+        plots.draw_safely(out, dataset)
     return 0
 
 
