@@ -290,6 +290,75 @@ def pause_for_tests(point: str) -> None:
         time.sleep(float(spec.split(":", 1)[1]))
 
 
+# ---- what both trainers do before training --------------------------------------------------
+def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
+    """The run to do and its directory: a resumed one (its stored config) or a new one."""
+    if args.resume:
+        out = Path(args.resume)
+        return resumed_run(out, args, framework), out
+    spec = resolve_run(args)
+    return spec, Path(args.out or f"runs/{framework}-{spec.preset}")
+
+
+@dataclasses.dataclass
+class Job:
+    """The data of a run, split and checked; nothing written yet."""
+
+    dataset: Any  # train.data.Dataset
+    images: Any  # (N, 28, 28) uint8, train.csv rows (after --limit-train)
+    labels: Any  # (N,) int32
+    test_images: Any  # (M, 28, 28) uint8 (after --limit-test)
+    train_idx: Any
+    val_idx: Any
+    steps_per_epoch: int
+
+
+def split_data(spec: Run, dataset) -> tuple[Any, Any, Any, Any, Any]:
+    """-> (images, labels, test images, train indices, validation indices) of the run."""
+    from train import data
+
+    images, labels = dataset.train_images, dataset.train_labels
+    if spec.options.get("limit_train"):
+        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
+    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
+    train_idx, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.split_seed)
+    return images, labels, test_images, train_idx, val_idx
+
+
+def load_job(args: argparse.Namespace, spec: Run) -> Job:
+    """Load and check everything that can be refused, before anything is written."""
+    from train import data
+
+    dataset = data.resolve(spec.options.get("data"))
+    if dataset.demo and args.epochs is None and not args.resume:
+        # 3,600 images make short epochs: twice the preset's epochs, still under 3 CPU minutes.
+        spec.recipe = dataclasses.replace(spec.recipe, epochs=2 * spec.recipe.epochs)
+    if dataset.demo:
+        print(f"DEMO: no --data given and no ./data found, so this trains on {dataset.source} "
+              f"(5,000 real MNIST digits). For the competition, {data.GET_THE_DATA}.",
+              file=sys.stderr)
+    c = spec.config
+    if (c.image_height, c.image_width, c.channels) != (28, 28, 1):
+        raise UsageError(f"the digits are 28x28x1; the config asks for "
+                         f"{c.image_height}x{c.image_width}x{c.channels}")
+    images, labels, test_images, train_idx, val_idx = split_data(spec, dataset)
+    steps_per_epoch = len(train_idx) // spec.recipe.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {spec.recipe.batch_size} is larger than the training split "
+                         f"({len(train_idx)} images)")
+    return Job(dataset, images, labels, test_images, train_idx, val_idx, steps_per_epoch)
+
+
+def progress_bar(total: int, epoch: int, epochs: int, quiet: bool):
+    """A tqdm bar for one epoch on stderr, or None when quiet."""
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
+                file=sys.stderr, mininterval=0.5)
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)

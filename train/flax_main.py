@@ -11,7 +11,6 @@ Twin: train/torch_main.py takes the same options and writes the same files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -87,37 +86,13 @@ def evaluate(predict, params, images: np.ndarray, batch: int = 1000) -> np.ndarr
 
 
 def run(args) -> int:
-    if args.resume:
-        out = Path(args.resume)
-        spec = common.resumed_run(out, args, FRAMEWORK)
-    else:
-        spec = common.resolve_run(args)
-        out = Path(args.out or f"runs/{FRAMEWORK}-{spec.preset}")
+    spec, out = common.open_run(args, FRAMEWORK)
     if args.eval_only:
         return eval_only(args, spec, out)
-    recipe, config = spec.recipe, spec.config
-
-    # Everything that can be refused is checked before anything is written.
-    dataset = data.resolve(spec.options.get("data"))
-    if dataset.demo and args.epochs is None and not args.resume:
-        # 3,600 images make short epochs: twice the preset's epochs, still under 3 CPU minutes.
-        spec.recipe = recipe = dataclasses.replace(recipe, epochs=2 * recipe.epochs)
-    if dataset.demo:
-        print(f"DEMO: no --data given and no ./data found, so this trains on {dataset.source} "
-              f"(5,000 real MNIST digits). For the competition, {data.GET_THE_DATA}.",
-              file=sys.stderr)
-    if (config.image_height, config.image_width, config.channels) != (28, 28, 1):
-        raise UsageError(f"the digits are 28x28x1; the config asks for {config.image_height}x"
-                         f"{config.image_width}x{config.channels}")
-    images, labels = dataset.train_images, dataset.train_labels
-    if spec.options.get("limit_train"):
-        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
-    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
-    train_idx, val_idx = data.stratified_split(labels, recipe.val_fraction, recipe.split_seed)
-    steps_per_epoch = len(train_idx) // recipe.batch_size
-    if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
-                         f"({len(train_idx)} images)")
+    job = common.load_job(args, spec)  # everything that can be refused, before any write
+    recipe, config, dataset = spec.recipe, spec.config, job.dataset
+    images, labels, test_images = job.images, job.labels, job.test_images
+    train_idx, val_idx, steps_per_epoch = job.train_idx, job.val_idx, job.steps_per_epoch
 
     import jax
     import jax.numpy as jnp
@@ -177,7 +152,7 @@ def run(args) -> int:
             order = jt.replicate(jax.device_put(data.epoch_order(len(train_idx), recipe.seed, epoch)
                                                 [: steps_per_epoch * recipe.batch_size].astype(np.int32)), mesh)
             state["totals"] = jt.replicate(jnp.zeros(3, jnp.float32), mesh)
-            bar = _bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
+            bar = common.progress_bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 state = train_step(state, x_all, y_all, order, np.int32(i), np.int32(step))
@@ -259,27 +234,14 @@ def eval_only(args, spec, out: Path) -> int:
 
     params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
     predict = jt.make_predict(ViT(config), tta=bool(args.tta))
-    images, labels = dataset.train_images, dataset.train_labels
-    if spec.options.get("limit_train"):
-        images, labels = images[: spec.options["limit_train"]], labels[: spec.options["limit_train"]]
-    _, val_idx = data.stratified_split(labels, spec.recipe.val_fraction, spec.recipe.split_seed)
+    images, labels, test_images, _, val_idx = common.split_data(spec, dataset)
     if len(val_idx):
         acc = float(np.mean(evaluate(predict, params, images[val_idx]).argmax(-1) == labels[val_idx]))
         print(f"val acc {acc:.4f} on {len(val_idx)} images", file=sys.stderr)
-    test_images = dataset.test_images[: spec.options.get("limit_test") or None]
     probs = evaluate(predict, params, test_images)
     data.write_submission(out / "submission.csv", probs.argmax(-1))
     print(f"wrote {out / 'submission.csv'} ({len(probs)} rows)", file=sys.stderr)
     return 0
-
-
-def _bar(total: int, epoch: int, epochs: int, quiet: bool):
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False,
-                file=sys.stderr, mininterval=0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
