@@ -109,7 +109,9 @@ def run(args) -> int:
         raise UsageError(f"--batch-size {recipe.batch_size} does not split evenly over {n} "
                          f"devices; use a multiple of {n}, such as {' or '.join(map(str, fits))}")
     mesh = jt.data_mesh(devices) if len(devices) > 1 else None
-    common.prepare_out(out)
+    lead = jax.process_index() == 0  # with several hosts, only process 0 writes and prints
+    if lead:
+        common.prepare_out(out)
 
     dtype_name = spec.options.get("dtype") or "auto"
     if dtype_name == "auto":
@@ -127,9 +129,10 @@ def run(args) -> int:
         state, meta = load_checkpoint(ckpt, state)
         state = jt.replicate(jax.tree_util.tree_map(jnp.asarray, state), mesh)
         start_epoch, best = meta["epoch"] + 1, meta["best"]
-        common.trim_metrics(out, meta["epoch"] + 1)
-        print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
-    else:
+        if lead:
+            common.trim_metrics(out, meta["epoch"] + 1)
+            print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
+    elif lead:
         common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -182,10 +185,13 @@ def run(args) -> int:
                 row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
-                    W.save(out / "best.safetensors",
-                           W.flax_to_canonical(jax.device_get(weights_of(state))), config)
+                    if lead:
+                        W.save(out / "best.safetensors",
+                               W.flax_to_canonical(jax.device_get(weights_of(state))), config)
             row["wall_seconds"] = time.perf_counter() - wall0
             row["since_launch_s"] = time.time() - LAUNCH
+            if not lead:
+                continue
             common.append_metrics(out, row)
             save_checkpoint(ckpt, state, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
             val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
@@ -198,6 +204,8 @@ def run(args) -> int:
               f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
         return 130
 
+    if not lead:
+        return 0
     final = W.flax_to_canonical(jax.device_get(weights_of(state)))
     W.save(out / "model.safetensors", final, config)
     chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
@@ -210,7 +218,7 @@ def run(args) -> int:
           f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
           f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
     # Pictures after the results are on disk, from one process only; they never fail the run.
-    if not spec.options.get("no_plots") and jax.process_index() == 0:
+    if not spec.options.get("no_plots"):
         from train import plots
 
         plots.draw_safely(out, dataset)
