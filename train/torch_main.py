@@ -55,7 +55,6 @@ def save_checkpoint(path: Path, trainer, meta: dict) -> None:
 
 def load_checkpoint(path: Path, trainer) -> dict:
     """Restore the trainer in place; -> meta. Refuses a file that does not fit."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -78,7 +77,6 @@ def load_checkpoint(path: Path, trainer) -> dict:
         if keys:
             trainer.optimizer.state[p] = {k[len(f"opt.{n}."):]: stored[k].to(device)
                                           if stored[k].ndim else stored[k] for k in keys}
-    del torch
     return meta
 
 
