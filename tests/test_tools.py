@@ -30,6 +30,8 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
                     "img_per_s", "tflops", "mfu", "median_s", "first_call_s"):
             assert key in r, key
         assert r["batch"] == 8 and r["flops_per_image"] > 0 and r["img_per_s"] > 0
+        if r["framework"] == "flax":  # the flags the trainer uses, recorded beside the timing
+            assert "--xla_cpu_experimental_ynn_fusion_type=" in r["xla_flags"].split()
     patch = [r for r in rows if r["kind"] == "patchify"]
     assert {r["framework"] for r in patch} == {"flax", "torch"}
     header = "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU |"
@@ -74,3 +76,33 @@ def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     assert all(r["returncode"] == 0 and r["epochs"] == 1 for r in results["runs"])
     assert results["groups"]["tiny"]["n"] == 2
     assert results["ensembles"][0]["name"] == "tiny-ens" and "ensemble_val_acc" in results["ensembles"][0]
+
+
+def test_xla_flags_are_appended_once_and_never_override_the_user():
+    from jaxvit import xla_flags
+
+    env = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true"}
+    assert xla_flags.apply(env).split() == ["--xla_cpu_multi_thread_eigen=true",
+                                            "--xla_cpu_experimental_ynn_fusion_type="]
+    assert xla_flags.apply(env) == env["XLA_FLAGS"]  # a second call adds nothing
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
+    assert xla_flags.apply(mine) == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    off = {"VIT_XLA_DEFAULTS": "0"}
+    assert xla_flags.apply(off) == "" and "XLA_FLAGS" not in off
+    assert xla_flags._version("0.10.2") == (0, 10) and xla_flags._version("0.9.0rc1") == (0, 9)
+
+
+def test_profile_step_names_where_each_frameworks_time_goes(tmp_path):
+    out = tmp_path / "profile"
+    proc = _run(str(ROOT / "train" / "profile_step.py"), "--preset", "tiny", "--batch-size", "8",
+                "--steps", "2", "--out", str(out))
+    results = json.loads((out / "profile.json").read_text())
+    assert [r["framework"] for r in results] == ["flax", "torch"]
+    for r in results:
+        assert r["total_ms"] > 0 and r["top_ops"]
+        assert abs(sum(c["share"] for c in r["classes"]) - 1) < 1e-6
+        assert abs(sum(c["ms"] for c in r["classes"]) - r["total_ms"]) < 1e-6 * r["total_ms"] + 1e-9
+    flax_classes = {c["class"] for c in results[0]["classes"]}
+    # the traced XLA kernels were matched to the compiled module, not all left as "other"
+    assert {"matmul (dense layers)", "matmul, batched (attention)"} <= flax_classes
+    assert "| class | flax | torch |" in proc.stdout and (out / "profile.md").is_file()

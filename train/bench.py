@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from jaxvit import xla_flags
 from parity.config import PRESETS, ViTConfig, preset
 
 MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
@@ -66,7 +67,9 @@ def run_timed(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
 
 
 # ---- Flax ----------------------------------------------------------------------------------
-def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0):
+def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0):
+    """-> (one_train, one_infer, sync): a jitted train step (forward, backward, AdamW) and an
+    inference call on one fixed batch, and the function that waits for their result."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -79,7 +82,7 @@ def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: in
     model = ViT(config, dtype=dtype)
     tx = jt.make_optimizer(Recipe(epochs=10), steps_per_epoch=1000)
     state = jt.create_state(config, Recipe(), tx, seed)
-    state = {"params": state["params"], "opt_state": state["opt_state"]}
+    holder = {"state": {"params": state["params"], "opt_state": state["opt_state"]}}
     rng = np.random.default_rng(seed)
     x = jax.device_put(rng.standard_normal((batch, config.image_height, config.image_width,
                                             config.channels), dtype=np.float32))
@@ -95,25 +98,35 @@ def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: in
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
-    precision = "highest" if not bf16 else "default"
-    with jax.default_matmul_precision(precision):
-        train = jax.jit(train_step, donate_argnums=0)
-        infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
-        holder = {"state": state}
+    precision = "highest" if not bf16 else "default"  # fp32 means fp32 matmuls (no TF32)
+    train = jax.jit(train_step, donate_argnums=0)
+    infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
 
-        def one_train():
+    def one_train():
+        with jax.default_matmul_precision(precision):
             holder["state"], loss = train(holder["state"], x, y)
-            return loss
+        return loss
 
-        train_first, train_times = run_timed(one_train, lambda r: r.block_until_ready(), warmup, steps)
-        infer_first, infer_times = run_timed(lambda: infer(holder["state"]["params"], x),
-                                             lambda r: r.block_until_ready(), warmup, steps)
-    return (train_first, train_times), (infer_first, infer_times)
+    def one_infer():
+        with jax.default_matmul_precision(precision):
+            return infer(holder["state"]["params"], x)
+
+    def train_hlo() -> str:  # the optimized module XLA runs for one_train (train/profile_step.py)
+        with jax.default_matmul_precision(precision):
+            return train.lower(holder["state"], x, y).compile().as_text()
+
+    one_train.hlo_text = train_hlo
+    return one_train, one_infer, lambda r: r.block_until_ready()
+
+
+def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0):
+    one_train, one_infer, sync = flax_steps(config, batch, bf16, seed)
+    return run_timed(one_train, sync, warmup, steps), run_timed(one_infer, sync, warmup, steps)
 
 
 # ---- PyTorch -------------------------------------------------------------------------------
-def bench_torch(config: ViTConfig, batch: int, bf16: bool, compiled: bool, warmup: int,
-                steps: int, seed: int = 0):
+def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed: int = 0):
+    """-> (one_train, one_infer, sync), the twin of flax_steps."""
     import torch
     import torch.nn.functional as F
 
@@ -151,15 +164,18 @@ def bench_torch(config: ViTConfig, batch: int, bf16: bool, compiled: bool, warmu
         opt.step()
         return loss
 
-    train = run_timed(one_train, sync, warmup, steps)
-    model.eval()
-
     def one_infer():
+        model.eval()
         with torch.inference_mode(), autocast():
             return forward(x)
 
-    infer = run_timed(one_infer, sync, warmup, steps)
-    return train, infer
+    return one_train, one_infer, sync
+
+
+def bench_torch(config: ViTConfig, batch: int, bf16: bool, compiled: bool, warmup: int,
+                steps: int, seed: int = 0):
+    one_train, one_infer, sync = torch_steps(config, batch, bf16, compiled, seed)
+    return run_timed(one_train, sync, warmup, steps), run_timed(one_infer, sync, warmup, steps)
 
 
 # ---- patchify ------------------------------------------------------------------------------
@@ -227,6 +243,8 @@ def environment(framework: str) -> dict:
     if framework == "flax":
         import jax
 
+        xla = os.environ.get("XLA_FLAGS", "")
+
         backend = jax.default_backend()
         if backend == "gpu":
             device = jax.devices()[0].device_kind
@@ -237,7 +255,8 @@ def environment(framework: str) -> dict:
             device, backend = torch.cuda.get_device_name(0), "gpu"
     return {"device": device, "backend": backend, "jax": version("jax"), "flax": version("flax"),
             "optax": version("optax"), "torch": version("torch"),
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            **({"xla_flags": xla} if framework == "flax" else {})}
 
 
 def peak_for(device: str, bf16: bool) -> float | None:
@@ -253,6 +272,8 @@ ENV_KEYS = ("device", "backend", "jax", "flax", "optax", "torch", "python")
 def worker(args) -> list[dict]:
     """One measurement (a mode, or patchify in one framework), in its own process."""
     config = preset(args.preset)
+    if "flax" in args.worker:
+        xla_flags.apply()  # as the trainer does, before JAX creates its backend
     env = environment("flax" if args.worker.split("-")[-1] == "flax" or
                       args.worker.startswith("flax") else "torch")
     if args.worker.startswith("patchify-"):

@@ -43,8 +43,10 @@ class Recipe:
     seed: int = 0
 
 
+DEFAULT_PRESET = "cpu"
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(epochs=2, batch_size=128, lr=2e-3),
+    "cpu": Recipe(epochs=22, batch_size=128, lr=2e-3, ema_decay=0.999),
     "small": Recipe(epochs=10, batch_size=128, lr=2e-3),
     "base": Recipe(epochs=30, batch_size=512, lr=1e-3),
     "kaggle": Recipe(epochs=60, batch_size=512, lr=1e-3, ema_decay=0.999),
@@ -93,7 +95,7 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="the competition download: the zip, or a folder with train.csv and "
                         "test.csv (default: ./data if present, else a 5,000-digit demo sample)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="model size and training recipe (default: small)")
+                   help="model size and training recipe (default: cpu)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<framework>-<preset>)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last completed epoch")
@@ -154,7 +156,7 @@ class Run:
 
 def resolve_run(args: argparse.Namespace) -> Run:
     """The effective run from the parsed options; refuses impossible values."""
-    name = args.preset or "small"
+    name = args.preset or DEFAULT_PRESET
     given = vars(args)
     recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
     config_fields = {f.name for f in dataclasses.fields(ViTConfig)}

@@ -20,6 +20,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
+from jaxvit import xla_flags
 from parity import weights as W
 from train import data
 from train.common import UsageError, fail, prepare_out
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="also average over small shifts")
     p.add_argument("--out", default="runs/ensemble", help="where submission.csv and ensemble.json go")
     args = p.parse_args(argv)
+    xla_flags.apply()  # before JAX creates its backend
     try:
         return run(args)
     except (UsageError, data.DataError, W.WeightsError) as e:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 import numpy as np
 
+from jaxvit import xla_flags
 from parity import weights as W
 from parity.config import ConfigError
 from train import common, data
@@ -254,6 +255,7 @@ def eval_only(args, spec, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = common.build_parser("train/flax_main.py", "Flax").parse_args(argv)
+    xla_flags.apply()  # before JAX creates its backend
     try:
         return run(args)
     except (UsageError, data.DataError, W.WeightsError, ConfigError) as e:

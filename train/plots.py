@@ -1,6 +1,6 @@
 """Pictures of a finished run: position table, patches, curves, confusion, mistakes, attention.
 
-    python -m train.plots runs/flax-small [--data digit-recognizer.zip] [--compare runs/torch-small]
+    python -m train.plots runs/flax-cpu [--data digit-recognizer.zip] [--compare runs/torch-cpu]
 
 Reads the run directory (config.json, metrics.jsonl, best.safetensors or model.safetensors) and
 writes into <run>/plots/ (or --out):

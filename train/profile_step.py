@@ -1,0 +1,211 @@
+"""Where a train step's time goes: the same step as train/bench.py, under each framework's profiler.
+
+    python train/profile_step.py --preset small --batch-size 128 --out runs/profile
+
+Flax: jax.profiler traces the jitted step; every XLA:CPU/GPU kernel in the trace is matched to
+its HLO instruction in the compiled module and put in a class (batched matmuls, i.e. the
+attention products; other matmuls; transposes and copies; reductions; elementwise fusions).
+PyTorch: torch.profiler over the same steps, grouped by ATen operator.
+Each framework runs in its own process (see train/bench.py for why). Writes profile.json and
+profile.md under --out and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jaxvit import xla_flags
+from parity.config import PRESETS, preset
+
+HOST_EVENTS = ("ThunkExecutor", "$", "PjitFunction", "SlinkyThreadPool", "end:", "CommonPjRt",
+               "ParseArguments", "Handle inputs", "AllocateOutputBuffers", "PythonRefManager")
+
+
+# ---- Flax ----------------------------------------------------------------------------------
+def hlo_classes(hlo: str) -> dict[str, str]:
+    """Instruction name -> class, from the compiled module's text."""
+    bodies = {m.group(1): m.group(2) for m in
+              re.finditer(r"\n(%\S+) \([^\n]*\) -> [^\n]* \{\n(.*?)\n\}", hlo, re.S)}
+    classes = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\((.*)", line)
+        if not m:
+            continue
+        name, op, rest = m.groups()
+        calls = re.search(r"calls=(%[^\s,]+)", rest)
+        text = line + "\n" + (bodies.get(calls.group(1), "") if calls else "")
+        ops = set(re.findall(r"= \S+ ([\w-]+)\(", text))
+        if "dot" in ops or "convolution" in ops:
+            batched = re.search(r"lhs_batch_dims=\{\d", text) is not None
+            classes[name] = "matmul, batched (attention)" if batched else "matmul (dense layers)"
+        elif ops & {"reduce", "reduce-window"}:
+            classes[name] = "reductions (softmax, LayerNorm, bias grads)"
+        elif "transpose" in ops:
+            classes[name] = "transposes (with what XLA fused into them)"
+        elif ops & {"exponential", "tanh", "erf", "select", "rsqrt", "divide", "multiply", "add",
+                    "subtract", "maximum", "negate"}:
+            classes[name] = "elementwise fusions"
+        elif ops & {"copy", "pad", "slice", "concatenate", "broadcast"}:
+            classes[name] = "layout (copy, pad, slice, broadcast)"
+        else:
+            classes[name] = "other"
+    return classes
+
+
+def profile_flax(config, batch: int, bf16: bool, steps: int) -> dict:
+    import jax
+
+    from train.bench import flax_steps
+
+    one_train, _, sync = flax_steps(config, batch, bf16)
+    for _ in range(3):
+        sync(one_train())
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(steps):
+            sync(one_train())
+        jax.profiler.stop_trace()
+        trace = next(Path(tmp).rglob("*.trace.json.gz"))
+        events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
+    classes = hlo_classes(one_train.hlo_text())  # names each traced kernel
+    per_op = collections.Counter()
+    for e in events:
+        if not e["name"].startswith(HOST_EVENTS):
+            per_op[e["name"]] += e["dur"] / 1000 / steps  # ms per step
+    steps_ms = [e["dur"] / 1000 for e in events if e["name"].startswith("$") and
+                "block_until_ready" in e["name"]]
+    return summarize("flax", per_op, lambda name: classes.get(name, "other"), steps_ms)
+
+
+# ---- PyTorch -------------------------------------------------------------------------------
+def profile_torch(config, batch: int, bf16: bool, steps: int) -> dict:
+    import torch
+
+    from train.bench import torch_steps
+
+    one_train, _, sync = torch_steps(config, batch, bf16, compiled=False)
+    for _ in range(3):
+        sync(one_train())
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            sync(one_train())
+    per_op = collections.Counter()
+    for ev in prof.key_averages():
+        # self time: each millisecond counted once, in the operator that spent it
+        per_op[ev.key] += (ev.self_device_time_total if torch.cuda.is_available()
+                           else ev.self_cpu_time_total) / 1000 / steps
+    return summarize("torch", per_op, torch_class, [])
+
+
+def torch_class(name: str) -> str:
+    if "attention" in name or "bmm" in name or "baddbmm" in name:
+        return "matmul, batched (attention)"
+    if name in ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear"):
+        return "matmul (dense layers)"
+    if "norm" in name or name in ("aten::sum", "aten::mean"):
+        return "reductions (softmax, LayerNorm, bias grads)"
+    if name.startswith(("aten::t", "aten::transpose", "aten::permute")):
+        return "transposes (with what XLA fused into them)"
+    if name.startswith(("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat",
+                        "aten::expand")):
+        return "layout (copy, pad, slice, broadcast)"
+    if name.startswith("aten::_foreach") or "adam" in name.lower():
+        return "optimizer (AdamW)"
+    if name.startswith("aten::"):
+        return "elementwise fusions" if name not in ("aten::empty", "aten::view") else "other"
+    return "other"
+
+
+# ---- report --------------------------------------------------------------------------------
+def summarize(framework: str, per_op: collections.Counter, classify, steps_ms: list) -> dict:
+    by_class = collections.Counter()
+    for name, ms in per_op.items():
+        by_class[classify(name)] += ms
+    total = sum(by_class.values())
+    return {"framework": framework, "total_ms": total,
+            "classes": [{"class": k, "ms": v, "share": v / total} for k, v in by_class.most_common()],
+            "top_ops": [{"op": k, "class": classify(k), "ms": v} for k, v in per_op.most_common(25)],
+            "step_ms": sorted(steps_ms)[len(steps_ms) // 2] if steps_ms else None}
+
+
+def markdown(results: list[dict], args) -> str:
+    lines = [f"Train step (forward, backward, AdamW), preset `{args.preset}`, batch {args.batch_size}, "
+             f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} profiled steps; ms per step.", ""]
+    names = [r["framework"] for r in results]
+    lines += ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    classes = []
+    for r in results:
+        classes += [c["class"] for c in r["classes"] if c["class"] not in classes]
+    for cls in classes:
+        cells = []
+        for r in results:
+            row = next((c for c in r["classes"] if c["class"] == cls), None)
+            cells.append(f"{row['ms']:.1f} ({row['share']:.0%})" if row else "-")
+        lines.append(f"| {cls} | " + " | ".join(cells) + " |")
+    lines.append("| **total (kernels)** | " + " | ".join(f"**{r['total_ms']:.1f}**" for r in results) + " |")
+    for r in results:
+        lines += ["", f"Top operations, {r['framework']}:", "", "| op | class | ms/step |", "|---|---|---|"]
+        lines += [f"| `{o['op'][:60]}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_ops"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="profiled steps (after 3 untimed ones)")
+    p.add_argument("--bf16", action="store_true", help="bf16 compute (Flax dtype, torch autocast)")
+    p.add_argument("--frameworks", default="flax,torch")
+    p.add_argument("--out", default="runs/profile")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1:
+        print("error: --batch-size and --steps must be >= 1", file=sys.stderr)
+        return 2
+    config = preset(args.preset)
+    if args.worker == "flax":
+        xla_flags.apply()  # as the trainer does, before JAX creates its backend
+        print(json.dumps(profile_flax(config, args.batch_size, args.bf16, args.steps)))
+        return 0
+    if args.worker == "torch":
+        print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps)))
+        return 0
+    results = []
+    for fw in [f for f in args.frameworks.split(",") if f]:
+        if fw not in ("flax", "torch"):
+            print(f"error: unknown framework {fw!r}; choose flax and/or torch", file=sys.stderr)
+            return 2
+        print(f"profiling {fw} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", fw]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(f"error: profiling {fw} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results, args)
+    (out / "profile.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
