@@ -52,6 +52,16 @@ PLANS: dict[str, dict] = {
         R("kaggle-s2", ["--preset", "kaggle", "--seed", "2"], "kaggle"),
     ], "ensembles": [("kaggle-ens3", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], False),
                      ("kaggle-ens3-tta", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], True)]},
+    # GPU, part D (prepared, not yet run): is the PyTorch twin's lead on `base` in bf16
+    # (99.31% against 98.69-98.86%, one seed each) real? Two more seeds of each twin, and
+    # Flax in float32.
+    "gpu-d": {"runs": [
+        R("flax-base-s1", ["--preset", "base", "--seed", "1"], "flax-base"),
+        R("flax-base-s2", ["--preset", "base", "--seed", "2"], "flax-base"),
+        R("torch-base-s1", ["--preset", "base", "--seed", "1"], "torch-base", trainer="torch"),
+        R("torch-base-s2", ["--preset", "base", "--seed", "2"], "torch-base", trainer="torch"),
+        R("flax-base-fp32", ["--preset", "base", "--dtype", "float32"]),
+    ], "ensembles": []},
     # GPU, part B: the accuracy recipe over 3 seeds, its ensemble, ablations, final submission.
     "gpu-b": {"runs": [
         R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),
