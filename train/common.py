@@ -365,3 +365,52 @@ def fail(message: str) -> None:
     """One line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+# ---- the epoch loop's bookkeeping, the same in both trainers ----------------------------------
+def check_batch_splits(batch_size: int, parts: int, what: str) -> None:
+    """Refuse a global batch that does not split evenly over `parts` devices or processes."""
+    if batch_size % parts:
+        fits = [b for b in (batch_size // parts * parts, (batch_size // parts + 1) * parts) if b > 0]
+        raise UsageError(f"--batch-size {batch_size} does not split evenly over {parts} {what}; "
+                         f"use a multiple of {parts}, such as {' or '.join(map(str, fits))}")
+
+
+def diverged(out: Path, epoch: int) -> int:
+    """Say that the loss of epoch `epoch` (0-based) went non-finite; -> exit status 3."""
+    kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
+    print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
+          f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
+    return 3
+
+
+def epoch_row(epoch: int, loss_sum, correct, count, train_time: float, recipe: Recipe,
+              steps_per_epoch: int) -> dict[str, Any]:
+    """The training half of an epoch's metrics.jsonl line (epoch is 0-based)."""
+    return {"epoch": epoch + 1, "train_loss": float(loss_sum / count),
+            "train_acc": float(correct / count),
+            "lr": float(lr_at((epoch + 1) * steps_per_epoch - 1, recipe.lr,
+                              *schedule_steps(recipe, steps_per_epoch))),
+            "img_per_s": float(count / train_time), "epoch_seconds": train_time}
+
+
+def val_scores(probs, labels) -> dict[str, float]:
+    """Validation loss and accuracy of class probabilities (N, K) against labels (N,)."""
+    import numpy as np
+
+    return {"val_loss": float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + 1e-12))),
+            "val_acc": float(np.mean(probs.argmax(-1) == labels))}
+
+
+def print_epoch(row: dict[str, Any], epochs: int) -> None:
+    val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
+    print(f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, "
+          f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s", file=sys.stderr)
+
+
+def interrupted(out: Path, epoch: int, framework: str) -> int:
+    """Say where a Ctrl-C in epoch `epoch` (0-based) left the run; -> exit status 130."""
+    done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
+    print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
+          f"python train/{framework}_main.py --resume {out}", file=sys.stderr)
+    return 130

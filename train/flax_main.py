@@ -104,11 +104,7 @@ def run(args) -> int:
     if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:  # several hosts: one process each
         jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     devices = jax.devices()
-    if recipe.batch_size % len(devices):
-        n = len(devices)
-        fits = [b for b in (recipe.batch_size // n * n, (recipe.batch_size // n + 1) * n) if b > 0]
-        raise UsageError(f"--batch-size {recipe.batch_size} does not split evenly over {n} "
-                         f"devices; use a multiple of {n}, such as {' or '.join(map(str, fits))}")
+    common.check_batch_splits(recipe.batch_size, len(devices), "devices")
     mesh = jt.data_mesh(devices) if len(devices) > 1 else None
     lead = jax.process_index() == 0  # with several hosts, only process 0 writes and prints
     if lead:
@@ -170,20 +166,11 @@ def run(args) -> int:
             if bar is not None:
                 bar.close()
             if not np.isfinite(loss_sum):
-                kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
-                print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
-                      f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
-                return 3
-            row = {"epoch": epoch + 1, "train_loss": float(loss_sum / count),
-                   "train_acc": float(correct / count),
-                   "lr": float(common.lr_at((epoch + 1) * steps_per_epoch - 1, recipe.lr,
-                                            *common.schedule_steps(recipe, steps_per_epoch))),
-                   "img_per_s": float(count / train_time), "epoch_seconds": train_time}
+                return common.diverged(out, epoch)
+            row = common.epoch_row(epoch, loss_sum, correct, count, train_time, recipe, steps_per_epoch)
             if len(val_idx):
                 probs = evaluate(predict, weights_of(state), images[val_idx])
-                row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_idx)),
-                                                              labels[val_idx]] + 1e-12)))
-                row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
+                row.update(common.val_scores(probs, labels[val_idx]))
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
                     if lead:
@@ -195,15 +182,9 @@ def run(args) -> int:
                 continue
             common.append_metrics(out, row)
             save_checkpoint(ckpt, state, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
-            val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
-            print(f"epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f}, "
-                  f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s",
-                  file=sys.stderr)
+            common.print_epoch(row, recipe.epochs)
     except KeyboardInterrupt:
-        done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
-        print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
-              f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
-        return 130
+        return common.interrupted(out, epoch, FRAMEWORK)
 
     if not lead:
         return 0

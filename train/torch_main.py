@@ -109,10 +109,7 @@ def run(args) -> int:
     # Under torchrun: one process per device, each training on its slice of every global batch
     # (DistributedDataParallel); only rank 0 writes files or prints.
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if recipe.batch_size % world:
-        fits = [b for b in (recipe.batch_size // world * world, (recipe.batch_size // world + 1) * world) if b]
-        raise UsageError(f"--batch-size {recipe.batch_size} does not split evenly over {world} "
-                         f"processes; use a multiple of {world}, such as {' or '.join(map(str, fits))}")
+    common.check_batch_splits(recipe.batch_size, world, "processes")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -188,19 +185,11 @@ def run(args) -> int:
             if bar is not None:
                 bar.close()
             if not np.isfinite(loss_sum):
-                kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
-                print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
-                      f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
-                return 3
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
-                   "lr": common.lr_at((epoch + 1) * steps_per_epoch - 1, recipe.lr,
-                                      *common.schedule_steps(recipe, steps_per_epoch)),
-                   "img_per_s": count / train_time, "epoch_seconds": train_time}
+                return common.diverged(out, epoch)
+            row = common.epoch_row(epoch, loss_sum, correct, count, train_time, recipe, steps_per_epoch)
             if len(val_idx):
                 probs = evaluate(eval_weights(), images[val_idx], device)
-                row["val_loss"] = float(-np.mean(np.log(probs[np.arange(len(val_idx)),
-                                                              labels[val_idx]] + 1e-12)))
-                row["val_acc"] = float(np.mean(probs.argmax(-1) == labels[val_idx]))
+                row.update(common.val_scores(probs, labels[val_idx]))
                 if row["val_acc"] > best["val_acc"]:
                     best = {"val_acc": row["val_acc"], "epoch": epoch + 1}
                     if lead:
@@ -214,15 +203,9 @@ def run(args) -> int:
                 continue
             common.append_metrics(out, row)
             save_checkpoint(ckpt, trainer, {"epoch": epoch, "best": best, "framework": FRAMEWORK})
-            val = f", val acc {row['val_acc']:.4f}" if "val_acc" in row else ""
-            print(f"epoch {epoch + 1}/{recipe.epochs}: loss {row['train_loss']:.4f}, "
-                  f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s",
-                  file=sys.stderr)
+            common.print_epoch(row, recipe.epochs)
     except KeyboardInterrupt:
-        done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
-        print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
-              f"python train/{FRAMEWORK}_main.py --resume {out}", file=sys.stderr)
-        return 130
+        return common.interrupted(out, epoch, FRAMEWORK)
 
     if world > 1:
         dist.barrier()
