@@ -86,6 +86,28 @@ def fixed_posemb(config: ViTConfig) -> Array:
 
 
 # ---- blocks ------------------------------------------------------------------------
+class Dense(nn.Dense):
+    """nn.Dense (same parameters, same function) applied to a 2-D view (B*T, D) of its input.
+
+    XLA:CPU turns the weight gradient of a (B, T, D) contraction into transposes and slow
+    reductions; on the flat view it is one plain matmul (2-core CPU, `cpu` preset, batch 128:
+    train step 67 -> 60 ms). On a GPU the reshape is free. torch's nn.Linear needs no help.
+    """
+
+    def __call__(self, inputs: Array) -> Array:
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))  # (B*T, F)
+        return y.reshape(*lead, self.features)
+
+
+def gelu(x: Array, exact: bool) -> Array:
+    """GELU. The exact one written as torch writes it, x/2 (1 + erf(x/sqrt 2)): the same
+    function as jax.nn.gelu's erfc form, and XLA:CPU runs erf faster (train step -3%)."""
+    if not exact:
+        return nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
 
@@ -95,8 +117,8 @@ class Attention(nn.Module):
     def setup(self) -> None:
         c = self.config
         dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
-        self.qkv = nn.Dense(3 * c.width, use_bias=c.qkv_bias, **dense)
-        self.proj = nn.Dense(c.width, **dense)
+        self.qkv = Dense(3 * c.width, use_bias=c.qkv_bias, **dense)
+        self.proj = Dense(c.width, **dense)
         self.attn_drop = nn.Dropout(c.attn_dropout)
         self.proj_drop = nn.Dropout(c.dropout)
 
@@ -127,12 +149,12 @@ class Mlp(nn.Module):
         c = self.config
         dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.normal(1e-6))
-        self.fc1 = nn.Dense(c.mlp_dim, **dense)
-        self.fc2 = nn.Dense(c.width, **dense)
+        self.fc1 = Dense(c.mlp_dim, **dense)
+        self.fc2 = Dense(c.width, **dense)
         self.drop = nn.Dropout(c.dropout)
 
     def __call__(self, x: Array, *, train: bool) -> Array:
-        x = nn.gelu(self.fc1(x), approximate=not self.config.gelu_exact)  # (B, T, M)
+        x = gelu(self.fc1(x), exact=self.config.gelu_exact)  # (B, T, M)
         x = self.drop(x, deterministic=not train)
         return self.drop(self.fc2(x), deterministic=not train)  # (B, T, D)
 
@@ -185,7 +207,7 @@ class ViT(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        self.patch_embed = nn.Dense(c.width, dtype=self.dtype,
+        self.patch_embed = Dense(c.width, dtype=self.dtype,
                                     kernel_init=nn.initializers.xavier_uniform())
         if c.pool == "cls":
             self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, c.width))
@@ -196,7 +218,7 @@ class ViT(nn.Module):
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype) for r in rates]
         self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
-        self.head = nn.Dense(c.num_classes, kernel_init=nn.initializers.zeros)
+        self.head = Dense(c.num_classes, kernel_init=nn.initializers.zeros)
 
     def posemb_table(self) -> Array:
         """E_pos, (1, T, D)."""
