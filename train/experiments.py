@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUG = ["--rotate", "0", "--translate", "0", "--scale", "0"]
+STRONG_AUG = ["--rotate", "15", "--translate", "3", "--scale", "0.15"]
 
 
 def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax") -> dict:
@@ -62,6 +63,13 @@ PLANS: dict[str, dict] = {
         R("torch-base-s2", ["--preset", "base", "--seed", "2"], "torch-base", trainer="torch"),
         R("flax-base-fp32", ["--preset", "base", "--dtype", "float32"]),
     ], "ensembles": []},
+    # GPU, part E (prepared, not yet run): what the CPU found (README, "Longer runs on the
+    # CPU": twice the epochs with stronger augmentation, +0.26%) tried on the accuracy recipe.
+    "gpu-e": {"runs": [
+        R(f"kaggle-e120-aug-s{s}", ["--preset", "kaggle", "--epochs", "120", *STRONG_AUG,
+                                    "--seed", str(s)], "kaggle-e120-aug") for s in (0, 1, 2)
+    ], "ensembles": [("kaggle-e120-aug-ens3-tta", [f"kaggle-e120-aug-s{s}" for s in (0, 1, 2)],
+                      True)]},
     # GPU, part B: the accuracy recipe over 3 seeds, its ensemble, ablations, final submission.
     "gpu-b": {"runs": [
         R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),

@@ -3,6 +3,7 @@
 #   PART=a: the framework benchmark (train/bench.py) and plan gpu-a of train/experiments.py
 #   PART=b: plan gpu-b (the accuracy recipe over 3 seeds, ensembles, ablations)
 #   PART=d: where the H100 step's time goes (train/profile_step.py), then plan gpu-d
+#   PART=e: plan gpu-e (the accuracy recipe at 120 epochs with stronger augmentation, 3 seeds)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
 set -uo pipefail
