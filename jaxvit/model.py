@@ -208,7 +208,7 @@ class ViT(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.patch_embed = Dense(c.width, dtype=self.dtype,
-                                    kernel_init=nn.initializers.xavier_uniform())
+                                 kernel_init=nn.initializers.xavier_uniform())
         if c.pool == "cls":
             self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, c.width))
         if c.posemb == "learned":
