@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from parity import weights as W
-from tests.helpers import ROOT, env, trainer, write_competition
+from tests.helpers import ROOT, SHARED_ZIP, env, trainer, write_competition
 
 ARGS = ["--preset", "tiny", "--epochs", "2", "--limit-train", "700", "--batch-size", "64",
         "--val-fraction", "0.2", "--no-plots"]
@@ -73,7 +73,8 @@ NO_KEY_BIAS = ["--qkv-bias", "false"]
 
 def test_training_on_4_simulated_devices_ends_with_the_weights_of_one(comp, tmp_path):
     args = [*ARGS, *NO_KEY_BIAS]
-    trainer("flax", "--data", str(comp), *args, "--out", str(tmp_path / "one"))
+    one = trainer("flax", "--data", str(comp), *args, "--cpu-devices", "1", "--out", str(tmp_path / "one"))
+    assert "flax: 1 device(s)" in one.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "flax_main.py"), "--quiet",
                            "--data", str(comp), *args, "--out", str(tmp_path / "four")],
                           capture_output=True, text=True, env=_four_devices(), timeout=600)
@@ -83,6 +84,19 @@ def test_training_on_4_simulated_devices_ends_with_the_weights_of_one(comp, tmp_
     four, _ = W.load(tmp_path / "four" / "model.safetensors")
     for name in one:
         np.testing.assert_allclose(four[name], one[name], atol=1e-4, err_msg=name)
+
+
+@pytest.mark.skipif(not SHARED_ZIP.exists(), reason="needs more rows than the demo sample has")
+def test_a_long_epoch_on_2_cpu_devices_does_not_deadlock(tmp_path):
+    # XLA:CPU (jaxlib 0.10.2, 2 cores) deadlocked in the gradient all-reduce once ~150 steps
+    # were queued ahead of the runtime: a rendezvous timeout, then an abort (signal 6).
+    # The trainer now waits for each step when it runs on several CPU devices.
+    comp = write_competition(tmp_path / "comp", 12000, 10, as_zip=True)
+    proc = trainer("flax", "--data", str(comp), "--preset", "tiny", "--epochs", "1",
+                   "--batch-size", "64", "--cpu-devices", "2", "--out", str(tmp_path / "r"),
+                   timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "flax: 2 device(s)" in proc.stderr and (tmp_path / "r" / "submission.csv").exists()
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(comp, tmp_path):

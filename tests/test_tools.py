@@ -20,7 +20,7 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     out = tmp_path / "bench"
     proc = _run(str(ROOT / "train" / "bench.py"), "--preset", "tiny", "--batch-size", "8",
                 "--steps", "2", "--warmup", "1", "--modes", "flax-fp32,torch-eager-fp32",
-                "--patchify-batches", "8", "--out", str(out))
+                "--patchify-batches", "8", "--cpu-devices", "2", "--out", str(out))
     rows = json.loads((out / "bench.json").read_text())
     timed = [r for r in rows if r["kind"] in ("train", "inference")]
     assert {(r["mode"], r["kind"]) for r in timed} == {
@@ -30,12 +30,14 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
                     "img_per_s", "tflops", "mfu", "median_s", "first_call_s"):
             assert key in r, key
         assert r["batch"] == 8 and r["flops_per_image"] > 0 and r["img_per_s"] > 0
+        assert r["devices"] == (2 if r["framework"] == "flax" else 1)
         if r["framework"] == "flax":  # the flags the trainer uses, recorded beside the timing
             assert "--xla_cpu_experimental_ynn_fusion_type=" in r["xla_flags"].split()
     patch = [r for r in rows if r["kind"] == "patchify"]
     assert {r["framework"] for r in patch} == {"flax", "torch"}
     header = "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU |"
     assert header in proc.stdout and header in (out / "bench.md").read_text()
+    assert "| flax-fp32 (2 CPU devices) |" in proc.stdout and "| torch-eager-fp32 |" in proc.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -67,12 +67,15 @@ def run_timed(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
 
 
 # ---- Flax ----------------------------------------------------------------------------------
-def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0):
+def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices: int = 1):
     """-> (one_train, one_infer, sync): a jitted train step (forward, backward, AdamW) and an
-    inference call on one fixed batch, and the function that waits for their result."""
+    inference call on one fixed batch, and the function that waits for their result.
+    devices > 1: the batch is split over that many devices, weights replicated, as the
+    trainer does (train/flax_main.py, --cpu-devices)."""
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxvit import train as jt
     from jaxvit.model import ViT
@@ -82,11 +85,13 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0):
     model = ViT(config, dtype=dtype)
     tx = jt.make_optimizer(Recipe(epochs=10), steps_per_epoch=1000)
     state = jt.create_state(config, Recipe(), tx, seed)
-    holder = {"state": {"params": state["params"], "opt_state": state["opt_state"]}}
+    mesh = jt.data_mesh(jax.devices()[:devices]) if devices > 1 else None
+    split = NamedSharding(mesh, PartitionSpec("data")) if mesh else None
+    holder = {"state": jt.replicate({"params": state["params"], "opt_state": state["opt_state"]}, mesh)}
     rng = np.random.default_rng(seed)
     x = jax.device_put(rng.standard_normal((batch, config.image_height, config.image_width,
-                                            config.channels), dtype=np.float32))
-    y = jax.device_put(rng.integers(0, config.num_classes, batch).astype(np.int32))
+                                            config.channels), dtype=np.float32), split)
+    y = jax.device_put(rng.integers(0, config.num_classes, batch).astype(np.int32), split)
     key = jax.random.PRNGKey(0)
 
     def train_step(state, x, y):
@@ -99,7 +104,9 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0):
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
     precision = "highest" if not bf16 else "default"  # fp32 means fp32 matmuls (no TF32)
-    train = jax.jit(train_step, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh else None
+    train = jax.jit(train_step, donate_argnums=0,
+                    **({"out_shardings": (replicated, replicated)} if mesh else {}))
     infer = jax.jit(lambda p, x: model.apply({"params": p}, x))
 
     def one_train():
@@ -119,8 +126,9 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0):
     return one_train, one_infer, lambda r: r.block_until_ready()
 
 
-def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0):
-    one_train, one_infer, sync = flax_steps(config, batch, bf16, seed)
+def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0,
+               devices: int = 1):
+    one_train, one_infer, sync = flax_steps(config, batch, bf16, seed, devices)
     return run_timed(one_train, sync, warmup, steps), run_timed(one_infer, sync, warmup, steps)
 
 
@@ -274,6 +282,10 @@ def worker(args) -> list[dict]:
     config = preset(args.preset)
     if "flax" in args.worker:
         xla_flags.apply()  # as the trainer does, before JAX creates its backend
+        if args.cpu_devices > 1:
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     env = environment("flax" if args.worker.split("-")[-1] == "flax" or
                       args.worker.startswith("flax") else "torch")
     if args.worker.startswith("patchify-"):
@@ -283,8 +295,10 @@ def worker(args) -> list[dict]:
         return [{**r, **env} for r in rows]
     mode = args.worker
     bf16 = mode.endswith("bf16")
+    devices = args.cpu_devices if mode.startswith("flax") and env["backend"] == "cpu" else 1
     if mode.startswith("flax"):
-        train, infer = bench_flax(config, args.batch_size, bf16, args.warmup, args.steps)
+        train, infer = bench_flax(config, args.batch_size, bf16, args.warmup, args.steps,
+                                  devices=devices)
     else:
         train, infer = bench_torch(config, args.batch_size, bf16, "compile" in mode,
                                    args.warmup, args.steps)
@@ -296,7 +310,7 @@ def worker(args) -> list[dict]:
         tflops = ips * flops / 1e12
         peak = peak_for(env["device"], bf16)
         rows.append({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
-                     "preset": args.preset, "config": config.to_dict(), "batch": args.batch_size,
+                     "devices": devices, "preset": args.preset, "config": config.to_dict(), "batch": args.batch_size,
                      "flops_per_image": flops, "img_per_s": ips,
                      "img_per_s_p10_p90": [args.batch_size / s["p90_s"], args.batch_size / s["p10_s"]],
                      "first_call_s": first, "tflops": tflops,
@@ -315,14 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patchify-batches", default="64,1024,8192")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="cpu forces both frameworks onto the CPU")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="Flax modes on a CPU: split the batch over N XLA CPU devices, as "
+                        "train/flax_main.py does by default (2 on 2+ cores)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
-    if unknown or args.batch_size < 1 or args.steps < 1:
+    if unknown or args.batch_size < 1 or args.steps < 1 or args.cpu_devices < 1 or \
+            args.batch_size % args.cpu_devices:
         print(f"error: unknown mode(s) {unknown}; choose from {MODES}" if unknown
-              else "error: --batch-size and --steps must be >= 1", file=sys.stderr)
+              else "error: --batch-size, --steps and --cpu-devices must be >= 1, and the batch "
+                   "must split evenly over the CPU devices", file=sys.stderr)
         return 2
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -367,7 +386,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     for mode, d in by_mode.items():
         t, i = d["train"], d["inference"]
         mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "n/a"
-        lines.append(f"| {mode} | {t['img_per_s']:,.0f} | {t['img_per_s_p10_p90'][0]:,.0f}-"
+        lines.append(f"| {_label(t)} | {t['img_per_s']:,.0f} | {t['img_per_s_p10_p90'][0]:,.0f}-"
                      f"{t['img_per_s_p10_p90'][1]:,.0f} | {t['tflops']:.2f} | {mfu} | "
                      f"{t['first_call_s']:.2f} | {i['img_per_s']:,.0f} | {i['first_call_s']:.2f} |")
     patch = [r for r in rows if r["kind"] == "patchify"]
@@ -380,6 +399,10 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(row: dict) -> str:
+    return row["mode"] + (f" ({row['devices']} CPU devices)" if row.get("devices", 1) > 1 else "")
+
+
 def _t(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
 
@@ -390,7 +413,7 @@ def plot(rows: list[dict], path: Path, device: str, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [r["mode"] for r in rows if r["kind"] == "train"]
+    modes = [_label(r) for r in rows if r["kind"] == "train"]
     if not modes:
         return
     train = [r["img_per_s"] for r in rows if r["kind"] == "train"]

@@ -74,8 +74,9 @@ RECIPE_HELP = {
 }
 
 # Options that change nothing about the run's result, so a resume may give other values.
+# (--cpu-devices changes only the order of the gradient sums, so float rounding.)
 RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots",
-                    "no_plots"}
+                    "no_plots", "cpu_devices"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -89,8 +90,7 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
         description=f"Train the {framework} ViT on Kaggle's Digit Recognizer and write "
-                    f"submission.csv. Every option left out comes from the preset's recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    f"submission.csv. Every option left out comes from the preset's recipe.")
     p.add_argument("--data", default=None,
                    help="the competition download: the zip, or a folder with train.csv and "
                         "test.csv (default: ./data if present, else a 5,000-digit demo sample)")
@@ -118,6 +118,10 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                         "python -m train.plots)")
     p.add_argument("--compile", action="store_true",
                    help="PyTorch trainer only: torch.compile the model (Flax always jits)")
+    p.add_argument("--cpu-devices", type=_count, default=None, metavar="N",
+                   help="Flax trainer only, on a CPU: split each batch over N XLA CPU devices, "
+                        "data-parallel (default: 2 on a machine with 2+ cores when the batch "
+                        "splits in two, else 1; one device leaves part of 2 cores idle)")
     rec = p.add_argument_group("training recipe (defaults: the preset's recipe)")
     for f in dataclasses.fields(Recipe):
         rec.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[str(f.type)],
@@ -128,6 +132,16 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
         cfg.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                          help=f"ViTConfig.{f.name}")
     return p
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return n
 
 
 def _bool(text: str) -> bool:

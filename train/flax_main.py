@@ -101,6 +101,9 @@ def run(args) -> int:
     from jaxvit import train as jt
     from jaxvit.model import ViT
 
+    cpu_devices = xla_flags.cpu_devices(spec.options.get("cpu_devices"), recipe.batch_size)
+    if cpu_devices is not None:  # before JAX creates its CPU backend; GPUs are not touched
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:  # several hosts: one process each
         jax.distributed.initialize()  # reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
     devices = jax.devices()
@@ -144,6 +147,10 @@ def run(args) -> int:
     predict = jt.make_predict(eval_model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
 
+    # XLA:CPU with several devices (--xla_force_host_platform_device_count) can deadlock in the
+    # gradient all-reduce when steps are queued ahead of the runtime (jaxlib 0.10.2, 2 cores:
+    # a rendezvous timeout within the first epoch); waiting for each step avoids it.
+    wait_each_step = mesh is not None and jax.default_backend() == "cpu"
     wall0 = time.perf_counter()
     epoch = start_epoch
     try:
@@ -156,6 +163,8 @@ def run(args) -> int:
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 state = train_step(state, x_all, y_all, order, np.int32(i), np.int32(step))
+                if wait_each_step:
+                    jax.block_until_ready(state)
                 if bar is not None and (i % 20 == 19 or i == steps_per_epoch - 1):
                     loss_sum, correct, count = np.asarray(state["totals"])
                     bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}",
