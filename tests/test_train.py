@@ -73,6 +73,22 @@ def test_flax_weights_scored_by_either_trainer_give_identical_submissions(flax_r
     assert len(acc) == 2 and acc[0] == acc[1]
 
 
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_the_final_submission_trains_on_every_row_without_validation(framework, comp, tmp_path):
+    # The accuracy issue's last step: --val-fraction 0 trains on all of train.csv, and the
+    # submission comes from the final weights, as the README's final-submission command says.
+    out = tmp_path / framework
+    proc = trainer(framework, "--data", str(comp), "--out", str(out), "--epochs", "2", "--tta",
+                   *FAST[:-2], "--val-fraction", "0")
+    rows = _metrics(out)
+    assert len(rows) == 2 and not any("val_acc" in r for r in rows)
+    assert not (out / "best.safetensors").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "weights: model.safetensors, TTA" in last and "no validation split" in last
+    assert "1200 train / 0 val" in proc.stderr
+    assert len(pd.read_csv(out / "submission.csv")) == 60
+
+
 def test_tta_submission_is_written(flax_run, comp, tmp_path):
     trainer("flax", "--eval-only", "--tta", "--checkpoint", str(flax_run / "best.safetensors"),
             "--data", str(comp), "--out", str(tmp_path))

@@ -422,6 +422,15 @@ def print_epoch(row: dict[str, Any], epochs: int) -> None:
           f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s", file=sys.stderr)
 
 
+def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, Any],
+               seconds: float) -> None:
+    """The run's last line: where the submission is, from which weights, the best epoch."""
+    score = (f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best["epoch"] > 0
+             else "no validation split (--val-fraction 0)")
+    print(f"wrote {out / 'submission.csv'} ({rows} rows, weights: {weights}"
+          f"{', TTA' if tta else ''}); {score}; {seconds:.0f} s", file=sys.stderr)
+
+
 def interrupted(out: Path, epoch: int, framework: str) -> int:
     """Say where a Ctrl-C in epoch `epoch` (0-based) left the run; -> exit status 130."""
     done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"

@@ -219,9 +219,7 @@ def run(args) -> int:
     tta = bool(spec.options.get("tta"))
     probs = evaluate(eval_model, test_images, device, tta=tta)
     data.write_submission(out / "submission.csv", probs.argmax(-1))
-    print(f"wrote {out / 'submission.csv'} ({len(probs)} rows, weights: {chosen.name}"
-          f"{', TTA' if tta else ''}); best val acc {best['val_acc']:.4f} at epoch "
-          f"{best['epoch']}; {time.perf_counter() - wall0:.0f} s", file=sys.stderr)
+    common.print_done(out, len(probs), chosen.name, tta, best, time.perf_counter() - wall0)
     if not spec.options.get("no_plots"):  # after the results are on disk; never fails the run
         from train import plots
 
