@@ -310,7 +310,8 @@ def worker(args) -> list[dict]:
         tflops = ips * flops / 1e12
         peak = peak_for(env["device"], bf16)
         rows.append({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
-                     "devices": devices, "preset": args.preset, "config": config.to_dict(), "batch": args.batch_size,
+                     "devices": devices, "preset": args.preset, "config": config.to_dict(),
+                     "batch": args.batch_size,
                      "flops_per_image": flops, "img_per_s": ips,
                      "img_per_s_p10_p90": [args.batch_size / s["p90_s"], args.batch_size / s["p10_s"]],
                      "first_call_s": first, "tflops": tflops,
@@ -383,7 +384,7 @@ def markdown(rows: list[dict], env: dict, args) -> str:
     for r in rows:
         if r["kind"] in ("train", "inference"):
             by_mode.setdefault(r["mode"], {})[r["kind"]] = r
-    for mode, d in by_mode.items():
+    for d in by_mode.values():
         t, i = d["train"], d["inference"]
         mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "n/a"
         lines.append(f"| {_label(t)} | {t['img_per_s']:,.0f} | {t['img_per_s_p10_p90'][0]:,.0f}-"
