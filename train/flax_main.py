@@ -147,9 +147,9 @@ def run(args) -> int:
     predict = jt.make_predict(eval_model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
 
-    # XLA:CPU with several devices (--xla_force_host_platform_device_count) can deadlock in the
-    # gradient all-reduce when steps are queued ahead of the runtime (jaxlib 0.10.2, 2 cores:
-    # a rendezvous timeout within the first epoch); waiting for each step avoids it.
+    # XLA:CPU with several devices (--cpu-devices, the default 2, or XLA_FLAGS) can deadlock in
+    # the gradient all-reduce once ~150 steps are queued ahead of the runtime (jaxlib 0.10.2,
+    # 2 cores: a rendezvous timeout, then an abort); waiting for each step avoids it.
     wait_each_step = mesh is not None and jax.default_backend() == "cpu"
     wall0 = time.perf_counter()
     epoch = start_epoch
