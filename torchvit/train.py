@@ -78,7 +78,7 @@ def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tens
     theta[:, 0, 2], theta[:, 1, 2] = shift[:, 1] * 2 / w, shift[:, 0] * 2 / h
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # Like dm-pix (the Flax twin), a sample point outside the pixel centres is black, not blended.
+    # As in the Flax twin, a sample point outside the pixel centres is black, not blended.
     col = ((grid[..., 0] + 1) * w - 1) / 2  # (B, H, W) source column of each output pixel
     row = ((grid[..., 1] + 1) * h - 1) / 2
     inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
