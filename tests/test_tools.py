@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from tests.helpers import ROOT, env, trainer, write_competition
 
@@ -56,6 +57,13 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     assert 0.0 <= report["ensemble_val_acc"] <= 1.0
     assert "ensemble of 2 with TTA" in proc.stderr
     assert len(pd.read_csv(tmp_path / "ens" / "submission.csv")) == 30
+    # --weights final scores each run's model.safetensors: the last epoch's weights, as trained
+    _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), "--data", str(comp),
+         "--weights", "final", "--out", str(tmp_path / "fin"))
+    report = json.loads((tmp_path / "fin" / "ensemble.json").read_text())
+    last = json.loads((tmp_path / "k0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert report["weights"] == "final" and report["members"][0]["weights"].endswith("model.safetensors")
+    assert report["members"][0]["val_acc"] == pytest.approx(last["val_acc"], abs=1e-9)
 
 
 def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):

@@ -3,9 +3,11 @@
     python train/ensemble.py runs/s0 runs/s1 runs/s2 --data digit-recognizer.zip --tta --out runs/ens
 
 Each member contributes its best.safetensors (its model.safetensors when it had no
-validation split). The members must share the validation split (same --val-fraction and
---split-seed), so that the ensemble's validation accuracy is measured on images that no
-member trained on.
+validation split); `--weights final` takes every member's model.safetensors, the weights at
+the end of training, instead: the best epoch was chosen on the validation split, so its score
+there is slightly optimistic, the final weights' is not. The members must share the
+validation split (same --val-fraction and --split-seed), so that the ensemble's validation
+accuracy is measured on images that no member trained on.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from train import data
 from train.common import UsageError, fail, prepare_out
 
 
-def member_weights(run_dir: Path) -> tuple[Path, dict]:
+def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{run_dir}: not a run directory (no config.json)")
     run = json.loads(config_path.read_text())
-    for name in ("best.safetensors", "model.safetensors"):
+    names = ("best.safetensors", "model.safetensors") if which == "best" else ("model.safetensors",)
+    for name in names:
         if (run_dir / name).is_file():
             return run_dir / name, run
-    raise UsageError(f"{run_dir}: holds no weights yet (no best.safetensors or model.safetensors)")
+    raise UsageError(f"{run_dir}: holds no {' or '.join(names)} (has the run finished?)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="finished run directories")
     p.add_argument("--data", default=None, help="the competition download (zip or folder)")
     p.add_argument("--tta", action="store_true", help="also average over small shifts")
+    p.add_argument("--weights", choices=("best", "final"), default="best",
+                   help="each run's best-epoch weights (chosen on the validation split) or its final ones")
     p.add_argument("--out", default="runs/ensemble", help="where submission.csv and ensemble.json go")
     args = p.parse_args(argv)
     xla_flags.apply()  # before JAX creates its backend
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    members = [member_weights(Path(r)) for r in args.runs]
+    members = [member_weights(Path(r), args.weights) for r in args.runs]
     splits = {(m["recipe"]["val_fraction"], m["recipe"].get("split_seed", 0),
                m["options"].get("limit_train")) for _, m in members}
     if len(splits) > 1:
@@ -90,6 +95,7 @@ def run(args) -> int:
         print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''}: val acc "
               f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images", file=sys.stderr)
     report["tta"] = bool(args.tta)
+    report["weights"] = args.weights
     data.write_submission(out / "submission.csv", np.mean(test_probs, 0).argmax(-1))
     (out / "ensemble.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'submission.csv'}", file=sys.stderr)
