@@ -50,6 +50,13 @@ def create_state(config: ViTConfig, recipe, tx: optax.GradientTransformation, se
     return state
 
 
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The EMA's decay at a step, warmed up: min(decay, (1 + t) / (10 + t)). Early on the average
+    follows the live weights, instead of dragging the random init along for ~1/(1 - decay) steps
+    (0.999 at batch 512 is 13 epochs of MNIST)."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def to_unit(images: jax.Array) -> jax.Array:
     """uint8 (B, H, W) -> float32 (B, H, W, 1) in [0, 1]."""
     return images.astype(jnp.float32)[..., None] / 255.0
@@ -170,7 +177,7 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         new = {"params": params, "opt_state": opt_state,
                "totals": state["totals"] + jnp.stack([loss * y.shape[0], correct, y.shape[0]])}
         if "ema" in state:
-            d = recipe.ema_decay
+            d = ema_decay_at(recipe.ema_decay, step)
             new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
         return new
 

@@ -1,7 +1,8 @@
 """The two trainers take the same steps: same weights + same batches -> same weights after 10 steps.
 
 This covers what the model parity suite does not: the whole optimizer chain of each trainer
-(warm-up + cosine schedule, global-norm clipping, label smoothing, AdamW with the decay mask).
+(warm-up + cosine schedule, global-norm clipping, label smoothing, AdamW with the decay mask,
+the EMA of the weights with its warmed-up decay).
 """
 
 import jax
@@ -21,7 +22,8 @@ from train.common import Recipe
 def test_ten_training_steps_agree_between_the_trainers():
     config = preset("tiny", patch_size=4)
     recipe = Recipe(epochs=2, batch_size=32, lr=2e-3, rotate=0, translate=0, scale=0,
-                    label_smoothing=0.1, grad_clip=1.0, weight_decay=0.05, warmup_epochs=1)
+                    label_smoothing=0.1, grad_clip=1.0, weight_decay=0.05, warmup_epochs=1,
+                    ema_decay=0.99)
     steps_per_epoch = 5
     canonical = W.random_canonical(config, 0, scale=0.05)
     rng = np.random.default_rng(0)
@@ -33,6 +35,7 @@ def test_ten_training_steps_agree_between_the_trainers():
     state = jt.create_state(config, recipe, tx, 0)
     state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
     state["opt_state"] = tx.init(state["params"])
+    state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
     flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, 0)
 
     model = TorchViT(config)
@@ -52,6 +55,13 @@ def test_ten_training_steps_agree_between_the_trainers():
     diff = max(np.abs(flax_w[n] - torch_w[n]).max() for n in canonical)
     assert moved > 1e-3, "the steps did not move the weights"
     assert diff < 1e-4, f"trainers diverged by {diff}"
+    flax_ema = W.flax_to_canonical(jax.device_get(state["ema"]))
+    torch_ema = W.torch_to_canonical(trainer.eval_state())
+    # warmed up, the average of 10 steps sits between the init and the weights (not at the init)
+    ema_moved = max(np.abs(flax_ema[n] - canonical[n]).max() for n in canonical)
+    assert ema_moved > 0.3 * moved, "the EMA's decay was not warmed up"
+    ema_diff = max(np.abs(flax_ema[n] - torch_ema[n]).max() for n in canonical)
+    assert ema_diff < 1e-4, f"the EMAs diverged by {ema_diff}"
     loss_f, _, count_f = np.asarray(state["totals"])
     loss_t, _, count_t = trainer.totals.tolist()
     assert count_f == count_t
