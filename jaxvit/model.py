@@ -113,6 +113,10 @@ class Attention(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32
+    # jax.nn.dot_product_attention's kernel: None lets JAX choose (XLA); "cudnn" asks for
+    # cuDNN's fused attention (GPU, bf16). The same function either way; train/bench.py
+    # --flax-attention compares them.
+    implementation: str | None = None
 
     def setup(self) -> None:
         c = self.config
@@ -134,7 +138,8 @@ class Attention(nn.Module):
             dropped = self.attn_drop(weights, deterministic=not train).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)  # (B, T, H, hd)
         else:
-            out = jax.nn.dot_product_attention(q, k, v)  # (B, T, H, hd), fp32 softmax inside
+            out = jax.nn.dot_product_attention(  # (B, T, H, hd), fp32 softmax inside
+                q, k, v, implementation=self.implementation)
         out = self.proj(out.reshape(b, t, d))  # (B, T, D)
         return self.proj_drop(out, deterministic=not train), weights
 
@@ -178,12 +183,13 @@ class Block(nn.Module):
     config: ViTConfig
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    attention: str | None = None  # Attention.implementation
 
     def setup(self) -> None:
         c = self.config
         # LayerNorm runs in float32 whatever the compute dtype.
         self.norm1 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
-        self.attn = Attention(c, dtype=self.dtype)
+        self.attn = Attention(c, dtype=self.dtype, implementation=self.attention)
         self.norm2 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         self.mlp = Mlp(c, dtype=self.dtype)
         self.drop_path = DropPath(self.drop_path_rate)
@@ -204,6 +210,7 @@ class ViT(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    attention: str | None = None  # the attention kernel (Attention.implementation)
 
     def setup(self) -> None:
         c = self.config
@@ -216,7 +223,8 @@ class ViT(nn.Module):
                                         (1, c.num_tokens, c.width))
         self.pos_drop = nn.Dropout(c.dropout)
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
-        self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype) for r in rates]
+        self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype, attention=self.attention)
+                       for r in rates]
         self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         self.head = Dense(c.num_classes, kernel_init=nn.initializers.zeros)
 

@@ -86,6 +86,19 @@ def test_flax_jit_and_eager_agree():
     np.testing.assert_allclose(eager, jitted, atol=1e-5)
 
 
+def test_flax_attention_kernel_choice_keeps_the_function_and_the_parameters():
+    c = preset("tiny", patch_size=4)
+    params = W.canonical_to_flax(W.random_canonical(c, 0), c)
+    x = jnp.asarray(_x(c))
+    default = jm.ViT(c).apply({"params": params}, x)
+    xla = jm.ViT(c, attention="xla").apply({"params": params}, x)
+    np.testing.assert_allclose(default, xla, atol=1e-6)
+    fresh = jm.ViT(c, attention="xla").init(jax.random.PRNGKey(0), x)["params"]
+    assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
+    with pytest.raises(Exception):  # the choice reaches jax.nn.dot_product_attention
+        jm.ViT(c, attention="no-such-kernel").apply({"params": params}, x)
+
+
 def test_torch_dropout_only_in_train_mode():
     c = CONFIGS["p2-cls-sincos1d-dropouts"]
     model = tm.ViT(c)

@@ -67,7 +67,8 @@ def run_timed(step, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
 
 
 # ---- Flax ----------------------------------------------------------------------------------
-def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices: int = 1):
+def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices: int = 1,
+               attention: str | None = None):
     """-> (one_train, one_infer, sync): a jitted train step (forward, backward, AdamW) and an
     inference call on one fixed batch, and the function that waits for their result.
     devices > 1: the batch is split over that many devices, weights replicated, as the
@@ -82,7 +83,7 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices
     from train.common import Recipe
 
     dtype = jnp.bfloat16 if bf16 else jnp.float32
-    model = ViT(config, dtype=dtype)
+    model = ViT(config, dtype=dtype, attention=attention)
     tx = jt.make_optimizer(Recipe(epochs=10), steps_per_epoch=1000)
     state = jt.create_state(config, Recipe(), tx, seed)
     mesh = jt.data_mesh(jax.devices()[:devices]) if devices > 1 else None
@@ -127,8 +128,8 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices
 
 
 def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: int, seed: int = 0,
-               devices: int = 1):
-    one_train, one_infer, sync = flax_steps(config, batch, bf16, seed, devices)
+               devices: int = 1, attention: str | None = None):
+    one_train, one_infer, sync = flax_steps(config, batch, bf16, seed, devices, attention)
     return run_timed(one_train, sync, warmup, steps), run_timed(one_infer, sync, warmup, steps)
 
 
@@ -298,7 +299,7 @@ def worker(args) -> list[dict]:
     devices = args.cpu_devices if mode.startswith("flax") and env["backend"] == "cpu" else 1
     if mode.startswith("flax"):
         train, infer = bench_flax(config, args.batch_size, bf16, args.warmup, args.steps,
-                                  devices=devices)
+                                  devices=devices, attention=args.flax_attention)
     else:
         train, infer = bench_torch(config, args.batch_size, bf16, "compile" in mode,
                                    args.warmup, args.steps)
@@ -311,6 +312,7 @@ def worker(args) -> list[dict]:
         peak = peak_for(env["device"], bf16)
         rows.append({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
                      "devices": devices, "preset": args.preset, "config": config.to_dict(),
+                     "attention": args.flax_attention if mode.startswith("flax") else "sdpa",
                      "batch": args.batch_size,
                      "flops_per_image": flops, "img_per_s": ips,
                      "img_per_s_p10_p90": [args.batch_size / s["p90_s"], args.batch_size / s["p10_s"]],
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="Flax modes on a CPU: split the batch over N XLA CPU devices, as "
                         "train/flax_main.py does by default (2 on 2+ cores)")
+    p.add_argument("--flax-attention", default=None, choices=["xla", "cudnn"],
+                   help="Flax modes: jax.nn.dot_product_attention's implementation (default: "
+                        "JAX's choice, XLA); cudnn needs a GPU and bf16")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -401,7 +406,9 @@ def markdown(rows: list[dict], env: dict, args) -> str:
 
 
 def _label(row: dict) -> str:
-    return row["mode"] + (f" ({row['devices']} CPU devices)" if row.get("devices", 1) > 1 else "")
+    attention = row.get("attention")
+    return (row["mode"] + (f" ({row['devices']} CPU devices)" if row.get("devices", 1) > 1 else "")
+            + (f", {attention} attention" if attention not in (None, "sdpa") else ""))
 
 
 def _t(seconds: float) -> str:
