@@ -18,9 +18,12 @@ import gzip
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
@@ -61,7 +64,17 @@ def hlo_classes(hlo: str) -> dict[str, str]:
     return classes
 
 
-def profile_flax(config, batch: int, bf16: bool, steps: int) -> dict:
+def wall_ms(one_train, sync, steps: int) -> float:
+    """Median wall milliseconds of a synchronized step, without the profiler."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sync(one_train())
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def profile_flax(config, batch: int, bf16: bool, steps: int, keep: Path | None) -> dict:
     import jax
 
     from train.bench import flax_steps
@@ -69,26 +82,38 @@ def profile_flax(config, batch: int, bf16: bool, steps: int) -> dict:
     one_train, _, sync = flax_steps(config, batch, bf16)
     for _ in range(3):
         sync(one_train())
+    wall = wall_ms(one_train, sync, steps)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp, create_perfetto_trace=True)
         for _ in range(steps):
             sync(one_train())
         jax.profiler.stop_trace()
-        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
-    classes = hlo_classes(one_train.hlo_text())  # names each traced kernel
-    return summarize("flax", kernel_times(trace, steps), lambda name: classes.get(name, "other"))
+        trace_path = next(Path(tmp).rglob("*.trace.json.gz"))
+        trace = json.load(gzip.open(trace_path))
+        hlo = one_train.hlo_text()
+        if keep is not None:  # the raw material, to look at it again elsewhere
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(trace_path, keep / "flax.trace.json.gz")
+            (keep / "flax.hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
+    classes = hlo_classes(hlo)  # names each traced kernel
+    return {**summarize("flax", kernel_times(trace, steps), lambda name: classes.get(name, "other")),
+            "wall_ms": wall}
 
 
 def kernel_times(trace: dict, steps: int) -> collections.Counter:
     """ms per step of each HLO instruction: the trace events that name one (`args.hlo_op`),
-    on the devices' timelines where there are any (GPU kernels), else on the host's (XLA:CPU
-    thunks). The GPU path follows the trace format and has not been run here."""
-    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+    on the devices' timelines where there are any (GPU kernels: only the streams' own lines,
+    not the "XLA Ops" summary lines that repeat them), else on the host's (XLA:CPU thunks)."""
+    events = trace["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-    on_device = [e for e in events if names.get(e["pid"], "").startswith("/device:")]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    on_device = [e for e in ops if procs.get(e["pid"], "").startswith("/device:")]
+    streams = [e for e in on_device if "stream" in threads.get((e["pid"], e.get("tid")), "").lower()]
     per_op = collections.Counter()
-    for e in on_device or events:
+    for e in streams or on_device or ops:
         per_op[e["args"]["hlo_op"]] += e["dur"] / 1000 / steps
     return per_op
 
@@ -102,6 +127,7 @@ def profile_torch(config, batch: int, bf16: bool, steps: int) -> dict:
     one_train, _, sync = torch_steps(config, batch, bf16, compiled=False)
     for _ in range(3):
         sync(one_train())
+    wall = wall_ms(one_train, sync, steps)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -113,7 +139,7 @@ def profile_torch(config, batch: int, bf16: bool, steps: int) -> dict:
         # self time: each millisecond counted once, in the operator that spent it
         per_op[ev.key] += (ev.self_device_time_total if torch.cuda.is_available()
                            else ev.self_cpu_time_total) / 1000 / steps
-    return summarize("torch", per_op, torch_class)
+    return {**summarize("torch", per_op, torch_class), "wall_ms": wall}
 
 
 def torch_class(name: str) -> str:
@@ -161,6 +187,8 @@ def markdown(results: list[dict], args) -> str:
             cells.append(f"{row['ms']:.1f} ({row['share']:.0%})" if row else "-")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     lines.append("| **total (kernels)** | " + " | ".join(f"**{r['total_ms']:.1f}**" for r in results) + " |")
+    lines.append("| wall per step, no profiler (median) | " +
+                 " | ".join(f"{r['wall_ms']:.1f}" if "wall_ms" in r else "-" for r in results) + " |")
     for r in results:
         lines += ["", f"Top operations, {r['framework']}:", "", "| op | class | ms/step |", "|---|---|---|"]
         lines += [f"| `{o['op'][:60]}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_ops"][:12]]
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 compute (Flax dtype, torch autocast)")
     p.add_argument("--frameworks", default="flax,torch")
     p.add_argument("--out", default="runs/profile")
+    p.add_argument("--keep-trace", action="store_true",
+                   help="also keep the Flax trace and its compiled HLO under --out (gzipped)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
@@ -184,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset)
     if args.worker == "flax":
         xla_flags.apply()  # as the trainer does, before JAX creates its backend
-        print(json.dumps(profile_flax(config, args.batch_size, args.bf16, args.steps)))
+        keep = Path(args.out) if args.keep_trace else None
+        print(json.dumps(profile_flax(config, args.batch_size, args.bf16, args.steps, keep)))
         return 0
     if args.worker == "torch":
         print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps)))
