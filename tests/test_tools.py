@@ -80,12 +80,23 @@ def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):
 def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
     _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),
-         "--out", str(tmp_path / "exp"), "--extra", "--limit-train 400")
+         "--out", str(tmp_path / "exp"), "--extra", "--limit-train 400", "--jobs", "2")
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == ["tiny-s0", "tiny-s1"]
-    assert all(r["returncode"] == 0 and r["epochs"] == 1 for r in results["runs"])
+    assert [r["name"] for r in results["runs"]] == ["tiny-s0", "tiny-s1"]  # plan order
+    assert all(r["returncode"] == 0 and r["epochs"] == 1 and r["concurrent_runs"] == 2
+               and not r["killed_at_deadline"] for r in results["runs"])
     assert results["groups"]["tiny"]["n"] == 2
     assert results["ensembles"][0]["name"] == "tiny-ens" and "ensemble_val_acc" in results["ensembles"][0]
+
+
+def test_experiment_runner_stops_runs_at_the_deadline_and_keeps_what_they_did(tmp_path):
+    comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
+    _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),
+         "--out", str(tmp_path / "exp"), "--deadline", "0")
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["tiny-s0"]  # the second never started
+    assert results["runs"][0]["killed_at_deadline"] and results["runs"][0]["returncode"] < 0
+    assert results["ensembles"] == []  # nothing finished to ensemble
 
 
 def test_xla_flags_are_appended_once_and_never_override_the_user():

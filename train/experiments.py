@@ -70,6 +70,13 @@ PLANS: dict[str, dict] = {
                                     "--seed", str(s)], "kaggle-e120-aug") for s in (0, 1, 2)
     ], "ensembles": [("kaggle-e120-aug-ens3-tta", [f"kaggle-e120-aug-s{s}" for s in (0, 1, 2)],
                       True)]},
+    # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
+    # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
+    "gpu-f": {"runs": [
+        R(f"kaggle-e120-aug-s{s}", ["--preset", "kaggle", "--epochs", "120", *STRONG_AUG,
+                                    "--seed", str(s)], "kaggle-e120-aug") for s in (0, 1, 2)
+    ], "ensembles": [("ens3-tta-final", [f"kaggle-e120-aug-s{s}" for s in (0, 1, 2)], True, "final"),
+                     ("ens3-tta-best", [f"kaggle-e120-aug-s{s}" for s in (0, 1, 2)], True, "best")]},
     # GPU, part B: the accuracy recipe over 3 seeds, its ensemble, ablations, final submission.
     "gpu-b": {"runs": [
         R("kaggle-s0", ["--preset", "kaggle", "--seed", "0"], "kaggle"),
@@ -107,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="experiments")
     p.add_argument("--only", default=None, help="comma-separated run names to keep")
     p.add_argument("--extra", default="", help="extra options appended to every run (e.g. --limit-train 800)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (one GPU: overlaps their start-up; their timings are then "
+                        "contended, and the results say so)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds: stop runs still going after this long (their epochs so far "
+                        "are kept, marked killed), then do the ensembles")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     plan = PLANS[args.plan]
     keep = set(args.only.split(",")) if args.only else None
     out = Path(args.out)
@@ -115,29 +130,47 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     results: dict = {"plan": args.plan, "runs": [], "groups": {}, "ensembles": []}
     data_args = ["--data", args.data] if args.data else []
-    for run in plan["runs"]:
-        if keep and run["name"] not in keep:
-            continue
-        run_dir = out / run["name"]
-        cmd = [sys.executable, str(ROOT / "train" / f"{run['trainer']}_main.py"), "--quiet",
-               *data_args, "--out", str(run_dir), *run["args"], *args.extra.split()]
-        print(f"== {run['name']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        with open(out / f"{run['name']}.log", "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        res = summarize_run(run, run_dir, time.time() - t0, proc.returncode)
-        results["runs"].append(res)
-        print(f"   -> rc {proc.returncode}, final val {res.get('final_val_acc')}, best "
-              f"{res.get('best_val_acc')}, to 99.5%: {res.get('s_to_0.995')} s, wall "
-              f"{res['wall_s']:.0f} s", file=sys.stderr, flush=True)
-        _groups(results)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    for name, members, tta in plan["ensembles"]:
-        dirs = [str(out / m) for m in members if (out / m / "config.json").exists()]
+    start = time.time()
+    queue = [r for r in plan["runs"] if not keep or r["name"] in keep]
+    running: list[tuple[dict, subprocess.Popen, float, object]] = []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            run = queue.pop(0)
+            cmd = [sys.executable, str(ROOT / "train" / f"{run['trainer']}_main.py"), "--quiet",
+                   *data_args, "--out", str(out / run["name"]), *run["args"], *args.extra.split()]
+            print(f"== {run['name']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+            log = open(out / f"{run['name']}.log", "w")
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=env), time.time(), log))
+        time.sleep(0.5)
+        late = args.deadline is not None and time.time() - start > args.deadline
+        for item in list(running):
+            run, proc, t0, log = item
+            if late and proc.poll() is None:
+                proc.kill()
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            res = summarize_run(run, out / run["name"], time.time() - t0, proc.returncode)
+            res["concurrent_runs"] = args.jobs
+            res["killed_at_deadline"] = late and proc.returncode < 0
+            results["runs"].append(res)
+            results["runs"].sort(key=lambda r: [x["name"] for x in plan["runs"]].index(r["name"]))
+            print(f"   {run['name']} -> rc {proc.returncode}, final val {res.get('final_val_acc')}, "
+                  f"best {res.get('best_val_acc')}, to 99.5%: {res.get('s_to_0.995')} s, wall "
+                  f"{res['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            _groups(results)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+        if late:
+            queue.clear()
+    for name, members, tta, *which in plan["ensembles"]:
+        dirs = [str(out / m) for m in members if (out / m / "model.safetensors").exists()]
         if len(dirs) < 2:
             continue
         cmd = [sys.executable, str(ROOT / "train" / "ensemble.py"), *dirs, *data_args,
-               "--out", str(out / name)] + (["--tta"] if tta else [])
+               "--out", str(out / name)] + (["--tta"] if tta else []) + \
+              (["--weights", which[0]] if which else [])
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         report = json.loads((out / name / "ensemble.json").read_text()) if proc.returncode == 0 else {}
