@@ -4,6 +4,9 @@
 #   PART=b: plan gpu-b (the accuracy recipe over 3 seeds, ensembles, ablations)
 #   PART=d: where the H100 step's time goes (train/profile_step.py), then plan gpu-d
 #   PART=e: plan gpu-e (the accuracy recipe at 120 epochs with stronger augmentation, 3 seeds)
+#   PART=f: the H100 step profiled (Flax and PyTorch, raw trace kept), Flax with XLA against
+#           cuDNN attention, then plan gpu-f: seed 0 alone, seeds 1 and 2 at once (cut at a
+#           deadline so that the ensembles still run); everything packed into $OUT/part-f.tar.gz
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
 set -uo pipefail
@@ -23,6 +26,35 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   python -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"; } > "$OUT/env-$PART.txt" 2>&1
 T0=$(date +%s)
+if [ "$PART" = f ]; then
+  BUDGET=${BUDGET:-540}  # seconds for the whole part
+  if [ "${SMOKE:-0}" = 1 ]; then PRESET=tiny; BATCH=32; STEPS=2; RUNX="--preset tiny --limit-train 1000 --limit-test 100 --epochs 2 --no-plots"
+  else PRESET=base; BATCH=1024; STEPS=20; RUNX="--no-plots"; fi
+  R="$WORK/f"; mkdir -p "$R"
+  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-f.txt"; }
+  stamp "profile"
+  timeout 150 python train/profile_step.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
+    --bf16 --keep-trace --out "$R/profile" > "$R/profile.log" 2>&1; stamp "profile rc $?"
+  for attn in xla cudnn; do
+    timeout 90 python train/bench.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
+      --modes flax-bf16 --flax-attention $attn --patchify-batches "" --out "$R/attn-$attn" \
+      > "$R/attn-$attn.log" 2>&1; stamp "bench flax-bf16 $attn attention rc $?"
+  done
+  python train/experiments.py --plan gpu-f --data "$DATA" --out "$R/exp" --extra "$RUNX" \
+    --only kaggle-e120-aug-s0 > "$R/exp-solo.log" 2>&1; stamp "solo run rc $?"
+  cp "$R/exp/results.json" "$R/results-solo.json" 2>/dev/null
+  python train/ensemble.py "$R/exp/kaggle-e120-aug-s0" --tta --weights final --data "$DATA" \
+    --out "$R/s0-tta-final" > "$R/s0-tta-final.log" 2>&1; stamp "s0 TTA rc $?"
+  LEFT=$(( BUDGET - ($(date +%s) - T0) - 75 ))  # keep 75 s for the ensembles
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-f --data "$DATA" \
+    --out "$R/exp" --extra "$RUNX" --only kaggle-e120-aug-s1,kaggle-e120-aug-s2 --jobs 2 --deadline $LEFT > "$R/exp-pair.log" 2>&1
+  stamp "pair rc $? (deadline $LEFT s)"
+  cp "$R/exp/results.json" "$R/results-pair.json" 2>/dev/null
+  mv "$R/profile/flax.trace.json.gz" "$OUT/" 2>/dev/null  # apart: it may be large
+  tar czf "$OUT/part-f.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission.csv' .
+  stamp "packed"
+  exit 0
+fi
 if [ "$PART" = d ]; then
   python train/profile_step.py "${PROFILE[@]}" --out "$OUT/profile" > "$OUT/profile.log" 2>&1
   echo "profile done after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
