@@ -32,6 +32,7 @@ if [ "$PART" = f ]; then
   else PRESET=base; BATCH=1024; STEPS=20; RUNX="--no-plots"; fi
   R="$WORK/f"; mkdir -p "$R"
   stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-f.txt"; }
+  if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   stamp "profile"
   timeout 150 python train/profile_step.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
     --bf16 --keep-trace --out "$R/profile" > "$R/profile.log" 2>&1; stamp "profile rc $?"
@@ -40,14 +41,15 @@ if [ "$PART" = f ]; then
       --modes flax-bf16 --flax-attention $attn --patchify-batches "" --out "$R/attn-$attn" \
       > "$R/attn-$attn.log" 2>&1; stamp "bench flax-bf16 $attn attention rc $?"
   done
-  python train/experiments.py --plan gpu-f --data "$DATA" --out "$R/exp" --extra "$RUNX" \
+  fi
+  python train/experiments.py --plan gpu-f --data "$DATA" --out "$R/exp" --extra="$RUNX" \
     --only kaggle-e120-aug-s0 > "$R/exp-solo.log" 2>&1; stamp "solo run rc $?"
   cp "$R/exp/results.json" "$R/results-solo.json" 2>/dev/null
   python train/ensemble.py "$R/exp/kaggle-e120-aug-s0" --tta --weights final --data "$DATA" \
     --out "$R/s0-tta-final" > "$R/s0-tta-final.log" 2>&1; stamp "s0 TTA rc $?"
   LEFT=$(( BUDGET - ($(date +%s) - T0) - 75 ))  # keep 75 s for the ensembles
   XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-f --data "$DATA" \
-    --out "$R/exp" --extra "$RUNX" --only kaggle-e120-aug-s1,kaggle-e120-aug-s2 --jobs 2 --deadline $LEFT > "$R/exp-pair.log" 2>&1
+    --out "$R/exp" --extra="$RUNX" --only kaggle-e120-aug-s1,kaggle-e120-aug-s2 --jobs 2 --deadline $LEFT > "$R/exp-pair.log" 2>&1
   stamp "pair rc $? (deadline $LEFT s)"
   cp "$R/exp/results.json" "$R/results-pair.json" 2>/dev/null
   mv "$R/profile/flax.trace.json.gz" "$OUT/" 2>/dev/null  # apart: it may be large
@@ -63,7 +65,7 @@ if [ "$PART" = a ]; then
   python train/bench.py "${BENCH[@]}" --out "$OUT" 2>&1 | tail -40 > "$OUT/bench.log"
   echo "bench done after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
 fi
-python train/experiments.py --plan "gpu-$PART" --data "$DATA" --out "$WORK/$PART" --extra "$EXTRA" \
+python train/experiments.py --plan "gpu-$PART" --data "$DATA" --out "$WORK/$PART" --extra="$EXTRA" \
   > "$OUT/experiments-$PART.log" 2>&1
 cp "$WORK/$PART/results.json" "$OUT/results-$PART.json" 2>/dev/null
 echo "all done after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
