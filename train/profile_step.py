@@ -34,34 +34,62 @@ from parity.config import PRESETS, preset
 
 
 # ---- Flax ----------------------------------------------------------------------------------
-def hlo_classes(hlo: str) -> dict[str, str]:
-    """Instruction name -> class, from the compiled module's text."""
+TYPE = r"(?:\([^=]*?\)|\S+)"  # an HLO result type: a shape, or a tuple of shapes
+
+
+def kernel_key(name: str) -> str:
+    """HLO instruction names and the GPU kernels XLA names after them differ in '.' and '-'
+    (`gemm_fusion_dot.104` runs as `gemm_fusion_dot_104`): one key for both."""
+    return re.sub(r"[.-]", "_", name)
+
+
+def hlo_classes(hlo: str) -> dict[str, tuple[str, str]]:
+    """Instruction (kernel_key of its name) -> (class, phase), from the compiled module's text.
+    The phase comes from the instruction's source op: forward (`jvp(`), backward
+    (`transpose(jvp(`), else the optimizer and bookkeeping."""
     bodies = {m.group(1): m.group(2) for m in
               re.finditer(r"\n(%\S+) \([^\n]*\) -> [^\n]* \{\n(.*?)\n\}", hlo, re.S)}
     classes = {}
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\((.*)", line)
+        m = re.match(rf"\s*(?:ROOT )?%(\S+) = {TYPE} ([\w-]+)\((.*)", line)
         if not m:
             continue
         name, op, rest = m.groups()
         calls = re.search(r"calls=(%[^\s,]+)", rest)
         text = line + "\n" + (bodies.get(calls.group(1), "") if calls else "")
-        ops = set(re.findall(r"= \S+ ([\w-]+)\(", text))
-        if "dot" in ops or "convolution" in ops:
-            batched = re.search(r"lhs_batch_dims=\{\d", text) is not None
-            classes[name] = "matmul, batched (attention)" if batched else "matmul (dense layers)"
+        ops = set(re.findall(rf"= {TYPE} ([\w-]+)\(", text))
+        source = re.search(r'op_name="([^"]*)"', line)
+        source = source.group(1) if source else ""
+        phase = ("backward" if "transpose(jvp(" in source else
+                 "forward" if "jvp(" in source else "optimizer, loss and the rest")
+        if "dot" in ops or "convolution" in ops or "__cublas" in line:
+            batched = re.search(r'lhs_batch_dims=\{\d|"lhs_batch_dimensions":\["\d', text) is not None
+            cls = "matmul, batched (attention)" if batched else "matmul (dense layers)"
         elif ops & {"reduce", "reduce-window"}:
-            classes[name] = "reductions (softmax, LayerNorm, bias grads)"
+            cls = "reductions (softmax, LayerNorm, bias grads)"
         elif "transpose" in ops:
-            classes[name] = "transposes (with what XLA fused into them)"
+            cls = "transposes (with what XLA fused into them)"
         elif ops & {"exponential", "tanh", "erf", "select", "rsqrt", "divide", "multiply", "add",
                     "subtract", "maximum", "negate"}:
-            classes[name] = "elementwise fusions"
+            cls = "elementwise fusions"
         elif ops & {"copy", "pad", "slice", "concatenate", "broadcast"}:
-            classes[name] = "layout (copy, pad, slice, broadcast)"
+            cls = "layout (copy, pad, slice, broadcast)"
         else:
-            classes[name] = "other"
+            cls = "other"
+        classes[kernel_key(name)] = (cls, phase)
     return classes
+
+
+def classify_kernel(name: str, classes: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """(class, phase) of a traced kernel: its HLO instruction's, else by the library kernel's
+    name (cuBLAS kernels run inside a command buffer carry no instruction name)."""
+    if kernel_key(name) in classes:
+        return classes[kernel_key(name)]
+    if re.search(r"gemm|nvjet|xmma|cutlass|cublas", name, re.I):
+        return "matmul (dense layers)", "unattributed library kernels (cuBLAS)"
+    if re.search(r"memcpy|memset", name, re.I):
+        return "layout (copy, pad, slice, broadcast)", "optimizer, loss and the rest"
+    return "other", "optimizer, loss and the rest"
 
 
 def wall_ms(one_train, sync, steps: int) -> float:
@@ -95,9 +123,17 @@ def profile_flax(config, batch: int, bf16: bool, steps: int, keep: Path | None) 
             keep.mkdir(parents=True, exist_ok=True)
             shutil.copy(trace_path, keep / "flax.trace.json.gz")
             (keep / "flax.hlo.txt.gz").write_bytes(gzip.compress(hlo.encode()))
+    return analyze_flax(trace, hlo, steps, wall)
+
+
+def analyze_flax(trace: dict, hlo: str, steps: int, wall: float | None) -> dict:
     classes = hlo_classes(hlo)  # names each traced kernel
-    return {**summarize("flax", kernel_times(trace, steps), lambda name: classes.get(name, "other")),
-            "wall_ms": wall}
+    per_op = kernel_times(trace, steps)
+    phases = collections.Counter()
+    for name, ms in per_op.items():
+        phases[classify_kernel(name, classes)[1]] += ms
+    return {**summarize("flax", per_op, lambda name: classify_kernel(name, classes)[0]),
+            "phases": [{"phase": k, "ms": v} for k, v in phases.most_common()], "wall_ms": wall}
 
 
 def kernel_times(trace: dict, steps: int) -> collections.Counter:
@@ -114,12 +150,15 @@ def kernel_times(trace: dict, steps: int) -> collections.Counter:
     streams = [e for e in on_device if "stream" in threads.get((e["pid"], e.get("tid")), "").lower()]
     per_op = collections.Counter()
     for e in streams or on_device or ops:
-        per_op[e["args"]["hlo_op"]] += e["dur"] / 1000 / steps
+        # inside a command buffer (a CUDA graph) every kernel names the buffer as its hlo_op;
+        # the kernel's own name is then the instruction's
+        op = e["args"]["hlo_op"]
+        per_op[e["name"] if op.startswith("command_buffer") else op] += e["dur"] / 1000 / steps
     return per_op
 
 
 # ---- PyTorch -------------------------------------------------------------------------------
-def profile_torch(config, batch: int, bf16: bool, steps: int) -> dict:
+def profile_torch(config, batch: int, bf16: bool, steps: int, keep: Path | None = None) -> dict:
     import torch
 
     from train.bench import torch_steps
@@ -134,12 +173,25 @@ def profile_torch(config, batch: int, bf16: bool, steps: int) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             sync(one_train())
-    per_op = collections.Counter()
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/t.json")
+            (keep / "torch.trace.json.gz").write_bytes(gzip.compress(Path(f"{tmp}/t.json").read_bytes()))
+    per_op, kernels = collections.Counter(), 0.0
+    cpu = torch.autograd.DeviceType.CPU
     for ev in prof.key_averages():
-        # self time: each millisecond counted once, in the operator that spent it
-        per_op[ev.key] += (ev.self_device_time_total if torch.cuda.is_available()
-                           else ev.self_cpu_time_total) / 1000 / steps
-    return {**summarize("torch", per_op, torch_class), "wall_ms": wall}
+        if torch.cuda.is_available():
+            # the table lists the operators (host events) with the GPU time of the kernels each
+            # launched itself; the kernels are also listed on their own: counted once, apart
+            if ev.device_type == cpu:
+                per_op[ev.key] += ev.self_device_time_total / 1000 / steps
+            else:
+                kernels += ev.self_device_time_total / 1000 / steps
+        else:  # self time: each millisecond counted once, in the operator that spent it
+            per_op[ev.key] += ev.self_cpu_time_total / 1000 / steps
+    return {**summarize("torch", per_op, torch_class), "wall_ms": wall,
+            "kernels_ms": kernels if torch.cuda.is_available() else None}
 
 
 def torch_class(name: str) -> str:
@@ -189,6 +241,14 @@ def markdown(results: list[dict], args) -> str:
     lines.append("| **total (kernels)** | " + " | ".join(f"**{r['total_ms']:.1f}**" for r in results) + " |")
     lines.append("| wall per step, no profiler (median) | " +
                  " | ".join(f"{r['wall_ms']:.1f}" if "wall_ms" in r else "-" for r in results) + " |")
+    if any(r.get("kernels_ms") for r in results):
+        lines.append("| GPU kernels listed on their own (check of the total) | " +
+                     " | ".join(f"{r['kernels_ms']:.1f}" if r.get("kernels_ms") else "-"
+                                for r in results) + " |")
+    for r in results:
+        if r.get("phases"):
+            lines += ["", f"By phase, {r['framework']}:", "", "| phase | ms/step |", "|---|---|"]
+            lines += [f"| {p['phase']} | {p['ms']:.2f} |" for p in r["phases"]]
     for r in results:
         lines += ["", f"Top operations, {r['framework']}:", "", "| op | class | ms/step |", "|---|---|---|"]
         lines += [f"| `{o['op'][:60]}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_ops"][:12]]
@@ -205,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frameworks", default="flax,torch")
     p.add_argument("--out", default="runs/profile")
     p.add_argument("--keep-trace", action="store_true",
-                   help="also keep the Flax trace and its compiled HLO under --out (gzipped)")
+                   help="also keep the raw traces (and Flax's compiled HLO) under --out, gzipped")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
@@ -218,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(profile_flax(config, args.batch_size, args.bf16, args.steps, keep)))
         return 0
     if args.worker == "torch":
-        print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps)))
+        keep = Path(args.out) if args.keep_trace else None
+        print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps, keep)))
         return 0
     results = []
     for fw in [f for f in args.frameworks.split(",") if f]:
