@@ -50,6 +50,7 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     trainer("flax", "--preset", "kaggle", *common, "--seed", "1", "--out", str(tmp_path / "k1"))
     cfg = json.loads((tmp_path / "k0" / "config.json").read_text())
     assert cfg["model"]["drop_path"] == 0.1 and cfg["recipe"]["ema_decay"] > 0
+    assert cfg["recipe"]["rotate"] == 15 and cfg["recipe"]["translate"] == 3  # the stronger augmentation
     proc = _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), str(tmp_path / "k1"),
                 "--data", str(comp), "--tta", "--out", str(tmp_path / "ens"))
     report = json.loads((tmp_path / "ens" / "ensemble.json").read_text())

@@ -49,7 +49,10 @@ RECIPES: dict[str, Recipe] = {
     "cpu": Recipe(epochs=22, batch_size=128, lr=2e-3, ema_decay=0.999),
     "small": Recipe(epochs=10, batch_size=128, lr=2e-3),
     "base": Recipe(epochs=30, batch_size=512, lr=1e-3),
-    "kaggle": Recipe(epochs=60, batch_size=512, lr=1e-3, ema_decay=0.999),
+    # 120 epochs with the stronger augmentation: 99.39% +- 0.14 on the H100 (README, plan gpu-f)
+    # against 99.21% +- 0.05 for 60 epochs with the default one (plan gpu-c)
+    "kaggle": Recipe(epochs=120, batch_size=512, lr=1e-3, ema_decay=0.999,
+                     rotate=15.0, translate=3.0, scale=0.15),
 }
 
 RECIPE_HELP = {

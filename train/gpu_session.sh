@@ -3,7 +3,6 @@
 #   PART=a: the framework benchmark (train/bench.py) and plan gpu-a of train/experiments.py
 #   PART=b: plan gpu-b (the accuracy recipe over 3 seeds, ensembles, ablations)
 #   PART=d: where the H100 step's time goes (train/profile_step.py), then plan gpu-d
-#   PART=e: plan gpu-e (the accuracy recipe at 120 epochs with stronger augmentation, 3 seeds)
 #   PART=f: the H100 step profiled (Flax and PyTorch, raw trace kept), Flax with XLA against
 #           cuDNN attention, then plan gpu-f: seed 0 alone, seeds 1 and 2 at once (cut at a
 #           deadline so that the ensembles still run); everything packed into $OUT/part-f.tar.gz
