@@ -128,3 +128,40 @@ def test_profile_step_names_where_each_frameworks_time_goes(tmp_path):
     # the traced XLA kernels were matched to the compiled module, not all left as "other"
     assert {"matmul (dense layers)", "matmul, batched (attention)"} <= flax_classes
     assert "| class | flax | torch |" in proc.stdout and (out / "profile.md").is_file()
+
+
+def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
+    # the H100 trace's format: a CUDA graph's kernels all carry hlo_op "command_buffer_N" and
+    # their own names with '_' where the HLO instruction has '.'; cuBLAS kernels match no name
+    from train import profile_step as ps
+
+    hlo = "\n".join([
+        "ENTRY %main (p: f32[4]) -> f32[4] {",
+        '  %input_transpose_fusion.38 = f32[50,192,1024]{2,1,0} fusion(%a), kind=kInput, calls=%t, '
+        'metadata={op_name="jit(train_step)/jvp(ViT)/blocks_0/add"}',
+        '  %input_add_reduce_fusion = (bf16[128,768]{1,0}, bf16[51200,768]{1,0}) fusion(%b), '
+        'kind=kInput, calls=%r, metadata={op_name="jit(train_step)/transpose(jvp(ViT))/fc1/reduce_sum"}',
+        "}",
+        "%t (x: f32[4]) -> f32[4] {", "  ROOT %transpose.1 = f32[4]{0} transpose(%x), dimensions={0}", "}",
+        "%r (x: f32[4]) -> f32[4] {", "  ROOT %reduce.1 = f32[4]{0} reduce(%x, %c), dimensions={0}", "}",
+    ])
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 14,
+             "args": {"name": "Stream #14(Memset,Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 99, "args": {"name": "XLA Ops"}}]
+
+    def kernel(name, dur, tid=14):
+        return {"ph": "X", "pid": 1, "tid": tid, "name": name, "dur": dur,
+                "args": {"hlo_op": "command_buffer_1"}}
+
+    trace = {"traceEvents": meta + [
+        kernel("input_transpose_fusion_38", 3000), kernel("input_add_reduce_fusion", 2000),
+        kernel("nvjet_sm90_tss_192x96_64x5_1x2_h_bz_NTT", 1000),
+        kernel("input_transpose_fusion_38", 3000, tid=99)]}  # a summary line: not counted
+    result = ps.analyze_flax(trace, hlo, steps=2, wall=4.0)
+    classes = {c["class"]: c["ms"] for c in result["classes"]}
+    assert classes == {"transposes (with what XLA fused into them)": 1.5,
+                       "reductions (softmax, LayerNorm, bias grads)": 1.0,
+                       "matmul (dense layers)": 0.5}
+    phases = {p["phase"]: p["ms"] for p in result["phases"]}
+    assert phases["forward"] == 1.5 and phases["backward"] == 1.0
