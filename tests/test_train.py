@@ -87,6 +87,21 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
     assert "weights: model.safetensors, TTA" in last and "no validation split" in last
     assert "1200 train / 0 val" in proc.stderr
     assert len(pd.read_csv(out / "submission.csv")) == 60
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tta"] and summary["tta_val_acc"] is None and summary["best_val_acc"] is None
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_tta_run_reports_the_validation_accuracy_of_its_submission_weights_with_tta(framework, comp, tmp_path):
+    args = ["--data", str(comp), "--limit-train", "600", *FAST]
+    proc = trainer(framework, "--out", str(tmp_path / "run"), "--epochs", "2", "--tta", *args)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["submission_weights"] == "best.safetensors" and summary["tta"]
+    assert f"{summary['tta_val_acc']:.4f} with TTA" in proc.stderr.strip().splitlines()[-1]
+    # the same number as scoring those weights again, with TTA, through --eval-only
+    again = trainer(framework, "--eval-only", "--tta", "--checkpoint",
+                    str(tmp_path / "run" / "best.safetensors"), "--out", str(tmp_path / "e"), *args)
+    assert f"val acc {summary['tta_val_acc']:.4f} on 120 images" in again.stderr
 
 
 def test_tta_submission_is_written(flax_run, comp, tmp_path):

@@ -426,10 +426,18 @@ def print_epoch(row: dict[str, Any], epochs: int) -> None:
 
 
 def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, Any],
-               seconds: float) -> None:
-    """The run's last line: where the submission is, from which weights, the best epoch."""
+               seconds: float, tta_val_acc: float | None = None) -> None:
+    """The run's last line: where the submission is, from which weights, the best epoch, and
+    with --tta the validation accuracy of the submission's weights with TTA; the same in
+    summary.json."""
     score = (f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best["epoch"] > 0
              else "no validation split (--val-fraction 0)")
+    if tta_val_acc is not None:
+        score += f", {tta_val_acc:.4f} with TTA"
+    summary = {"submission_weights": weights, "tta": tta, "best_val_acc": best["val_acc"]
+               if best["epoch"] > 0 else None, "best_epoch": best["epoch"] if best["epoch"] > 0
+               else None, "tta_val_acc": tta_val_acc, "seconds": seconds}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'submission.csv'} ({rows} rows, weights: {weights}"
           f"{', TTA' if tta else ''}); {score}; {seconds:.0f} s", file=sys.stderr)
 
