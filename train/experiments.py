@@ -98,6 +98,8 @@ def summarize_run(run: dict, out: Path, wall: float, returncode: int) -> dict:
             res[f"s_to_{target}"] = hit[0]["since_launch_s"] if hit else None
             res[f"epoch_to_{target}"] = hit[0]["epoch"] if hit else None
         res["curve"] = [[r["epoch"], r.get("val_acc"), round(r["since_launch_s"], 2)] for r in rows]
+    if (out / "summary.json").exists():  # with --tta: the submission weights' accuracy with TTA
+        res["tta_val_acc"] = json.loads((out / "summary.json").read_text()).get("tta_val_acc")
     return res
 
 
