@@ -32,14 +32,14 @@ if [ "$PART" = f ]; then
   R="$WORK/f"; mkdir -p "$R"
   stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-f.txt"; }
   if [ "${SKIP_PROFILE:-0}" != 1 ]; then
-  stamp "profile"
-  timeout 150 python train/profile_step.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
-    --bf16 --keep-trace --out "$R/profile" > "$R/profile.log" 2>&1; stamp "profile rc $?"
-  for attn in xla cudnn; do
-    timeout 90 python train/bench.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
-      --modes flax-bf16 --flax-attention $attn --patchify-batches "" --out "$R/attn-$attn" \
-      > "$R/attn-$attn.log" 2>&1; stamp "bench flax-bf16 $attn attention rc $?"
-  done
+    stamp "profile"
+    timeout 150 python train/profile_step.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
+      --bf16 --keep-trace --out "$R/profile" > "$R/profile.log" 2>&1; stamp "profile rc $?"
+    for attn in xla cudnn; do
+      timeout 90 python train/bench.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
+        --modes flax-bf16 --flax-attention $attn --patchify-batches "" --out "$R/attn-$attn" \
+        > "$R/attn-$attn.log" 2>&1; stamp "bench flax-bf16 $attn attention rc $?"
+    done
   fi
   python train/experiments.py --plan gpu-f --data "$DATA" --out "$R/exp" --extra="$RUNX" \
     --only kaggle-e120-aug-s0 > "$R/exp-solo.log" 2>&1; stamp "solo run rc $?"
