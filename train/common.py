@@ -434,9 +434,11 @@ def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, An
              else "no validation split (--val-fraction 0)")
     if tta_val_acc is not None:
         score += f", {tta_val_acc:.4f} with TTA"
-    summary = {"submission_weights": weights, "tta": tta, "best_val_acc": best["val_acc"]
-               if best["epoch"] > 0 else None, "best_epoch": best["epoch"] if best["epoch"] > 0
-               else None, "tta_val_acc": tta_val_acc, "seconds": seconds}
+    scored = best["epoch"] > 0
+    summary = {"submission_weights": weights, "tta": tta,
+               "best_val_acc": best["val_acc"] if scored else None,
+               "best_epoch": best["epoch"] if scored else None,
+               "tta_val_acc": tta_val_acc, "seconds": seconds}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'submission.csv'} ({rows} rows, weights: {weights}"
           f"{', TTA' if tta else ''}); {score}; {seconds:.0f} s", file=sys.stderr)

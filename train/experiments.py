@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     data_args = ["--data", args.data] if args.data else []
     start = time.time()
     queue = [r for r in plan["runs"] if not keep or r["name"] in keep]
+    order = {r["name"]: i for i, r in enumerate(plan["runs"])}  # results keep the plan's order
     running: list[tuple[dict, subprocess.Popen, float, object]] = []
     while queue or running:
         while queue and len(running) < args.jobs:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             res["concurrent_runs"] = args.jobs
             res["killed_at_deadline"] = late and proc.returncode < 0
             results["runs"].append(res)
-            results["runs"].sort(key=lambda r: [x["name"] for x in plan["runs"]].index(r["name"]))
+            results["runs"].sort(key=lambda r: order[r["name"]])
             print(f"   {run['name']} -> rc {proc.returncode}, final val {res.get('final_val_acc')}, "
                   f"best {res.get('best_val_acc')}, to 99.5%: {res.get('s_to_0.995')} s, wall "
                   f"{res['wall_s']:.0f} s", file=sys.stderr, flush=True)

@@ -203,13 +203,13 @@ def run(args) -> int:
     tensors, _ = W.load(chosen, config)
     params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
     tta = bool(spec.options.get("tta"))
-    predict_tta = jt.make_predict(eval_model, tta=tta)
-    probs = evaluate(predict_tta, params, test_images)
+    submission_predict = jt.make_predict(eval_model, tta=tta)
+    probs = evaluate(submission_predict, params, test_images)
     data.write_submission(out / "submission.csv", probs.argmax(-1))
     tta_val_acc = None
     if tta and len(val_idx):  # what TTA gives the submission's weights on the held-out images
-        val_probs = evaluate(predict_tta, params, images[val_idx])
-        tta_val_acc = float(np.mean(val_probs.argmax(-1) == labels[val_idx]))
+        val_probs = evaluate(submission_predict, params, images[val_idx])
+        tta_val_acc = common.val_scores(val_probs, labels[val_idx])["val_acc"]
     common.print_done(out, len(probs), chosen.name, tta, best, time.perf_counter() - wall0,
                       tta_val_acc)
     # Pictures after the results are on disk, from one process only; they never fail the run.

@@ -222,7 +222,7 @@ def run(args) -> int:
     tta_val_acc = None
     if tta and len(val_idx):  # what TTA gives the submission's weights on the held-out images
         val_probs = evaluate(eval_model, images[val_idx], device, tta=True)
-        tta_val_acc = float(np.mean(val_probs.argmax(-1) == labels[val_idx]))
+        tta_val_acc = common.val_scores(val_probs, labels[val_idx])["val_acc"]
     common.print_done(out, len(probs), chosen.name, tta, best, time.perf_counter() - wall0,
                       tta_val_acc)
     if not spec.options.get("no_plots"):  # after the results are on disk; never fails the run
