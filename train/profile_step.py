@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from jaxvit import xla_flags
 from parity.config import PRESETS, preset
 
-
 # ---- Flax ----------------------------------------------------------------------------------
 TYPE = r"(?:\([^=]*?\)|\S+)"  # an HLO result type: a shape, or a tuple of shapes
 
