@@ -5,6 +5,8 @@ This covers what the model parity suite does not: the whole optimizer chain of e
 the EMA of the weights with its warmed-up decay).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,68 @@ def test_the_warp_by_whole_pixels_is_an_exact_shift_with_black_edges():
     for dy, dx in ((2, 0), (0, -3), (-1, 27), (5, 4)):
         got = jt.warp(x, zeros, ones, zeros, jnp.tile(jnp.array([dy, dx], jnp.float32), (3, 1)))
         np.testing.assert_allclose(got, jt.shift_images(x, -dy, -dx), atol=1e-6)
+
+
+def test_the_elastic_field_and_its_warp_are_the_same_in_both_trainers():
+    rng = np.random.default_rng(2)
+    x = rng.random((8, 28, 20, 1), dtype=np.float32)
+    noise = rng.uniform(-1, 1, (8, 2, 28, 20)).astype(np.float32)
+    flow_f = np.array(jt.elastic_flow(jnp.asarray(noise), 34.0, 4.0))
+    flow_t = tt.elastic_flow(torch.from_numpy(noise), 34.0, 4.0).numpy()
+    assert flow_f.shape == (8, 28, 20, 2)
+    np.testing.assert_allclose(flow_f, flow_t, atol=1e-5)
+    # smooth (neighbours move together) and about a pixel or two, as in Simard et al.
+    assert 0.5 < flow_f.std() < 3.0
+    assert np.abs(np.diff(flow_f, axis=1)).mean() < 0.2 * np.abs(flow_f).mean()
+    np.testing.assert_allclose(jt.elastic_flow(jnp.asarray(noise), 17.0, 4.0), flow_f / 2, rtol=1e-5, atol=1e-6)
+    zeros, ones = np.zeros(8, np.float32), np.ones(8, np.float32)
+    args = (zeros, ones, zeros, np.zeros((8, 2), np.float32), flow_f)
+    flax_out = np.asarray(jt.warp(jnp.asarray(x), *map(jnp.asarray, args)))
+    torch_out = tt.warp(torch.from_numpy(x).permute(0, 3, 1, 2), *map(torch.from_numpy, args)).permute(0, 2, 3, 1)
+    assert np.abs(flax_out - x).max() > 0.5  # the field moved pixels
+    np.testing.assert_allclose(flax_out, torch_out.numpy(), atol=1e-4)
+    # a constant field of whole pixels is a shift
+    const = jnp.tile(jnp.array([2.0, -3.0]), (8, 28, 20, 1))
+    got = jt.warp(jnp.asarray(x), *map(jnp.asarray, args[:4]), flow=const)
+    np.testing.assert_allclose(got, jt.shift_images(jnp.asarray(x), -2, 3), atol=1e-6)
+
+
+def test_random_erasing_is_the_same_in_both_trainers_and_blacks_out_its_box():
+    u = np.random.default_rng(3).random((64, 5), dtype=np.float32)
+    boxes_f = np.asarray(jt.erase_boxes(jnp.asarray(u), 0.5, 28, 20))
+    boxes_t = tt.erase_boxes(torch.from_numpy(u), 0.5, 28, 20).numpy()
+    np.testing.assert_allclose(boxes_f, boxes_t, rtol=1e-5, atol=1e-5)
+    top, left, height, width = boxes_f.T
+    assert ((height > 0) == (u[:, 0] < 0.5)).all()  # erased with probability p
+    assert (top >= 0).all() and (top + height <= 28 + 1e-4).all() and (left + width <= 20 + 1e-4).all()
+    area = (height * width)[height > 0] / (28 * 20)
+    assert area.min() >= 0.02 - 1e-6 and area.max() <= 0.2 + 1e-6
+    x = np.ones((64, 28, 20, 1), np.float32)
+    out_f = np.asarray(jt.erase(jnp.asarray(x), jnp.asarray(boxes_f)))
+    out_t = tt.erase(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(boxes_f)).permute(0, 2, 3, 1)
+    np.testing.assert_array_equal(out_f, out_t.numpy())
+    black = (out_f == 0).reshape(64, -1).sum(1)
+    assert (black[height == 0] == 0).all()  # no box, no change
+    # each box blacks out about its area (whole pixels inside it), and nothing else is touched
+    np.testing.assert_allclose(black[height > 0], (height * width)[height > 0], rtol=0.6, atol=6)
+    assert set(np.unique(out_f)) <= {0.0, 1.0}
+
+
+def test_both_trainers_augment_with_elastic_and_erasing_when_asked():
+    x = np.random.default_rng(4).random((8, 28, 28, 1), dtype=np.float32)
+    affine_only = Recipe(rotate=10, translate=2, scale=0.1)
+    both = dataclasses.replace(affine_only, elastic=34.0, erase=1.0)
+    key = jax.random.PRNGKey(0)
+    plain, extra = (np.asarray(jt.augment(jnp.asarray(x), key, r)) for r in (affine_only, both))
+    assert np.abs(plain - extra).max() > 0.5
+    assert ((extra == 0).sum((1, 2, 3)) > (plain == 0).sum((1, 2, 3))).all()  # every image lost a box
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    torch.manual_seed(0)
+    plain_t = tt.augment(xt, affine_only)
+    torch.manual_seed(0)
+    extra_t = tt.augment(xt, both)
+    assert (plain_t - extra_t).abs().max() > 0.5
+    assert ((extra_t == 0).sum((1, 2, 3)) > (plain_t == 0).sum((1, 2, 3))).all()
 
 
 def test_the_schedule_of_both_trainers_is_the_same():

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from parity import weights as W
 from torchvit.model import ViT
-from train.common import lr_at, schedule_steps
+from train.common import augments, lr_at, schedule_steps
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -50,27 +50,77 @@ def normalize(x: Tensor) -> Tensor:
 
 
 def augment(images: Tensor, recipe, rows: slice | None = None, global_batch: int | None = None) -> Tensor:
-    """Random affine per image: rotation, zoom, shear, shift, each uniform about the identity.
+    """Random affine per image (rotation, zoom, shear, shift, each uniform about the identity),
+    plus an elastic distortion and a random erasing where the recipe asks for them.
 
     Under data parallelism each process draws the parameters of the whole global batch and
     keeps its own `rows`, so every image gets the warp it would get in a single process.
     """
     n = global_batch or images.shape[0]
     rows = rows or slice(0, n)
+    h, w = images.shape[-2:]
 
     def uniform(*shape, bound):
         return ((torch.rand((n, *shape), device=images.device) * 2 - 1) * bound)[rows]
 
-    return warp(images, angle=uniform(bound=recipe.rotate), zoom=1 + uniform(bound=recipe.scale),
-                shear=uniform(bound=recipe.shear), shift=uniform(2, bound=recipe.translate))
+    angle, zoom = uniform(bound=recipe.rotate), 1 + uniform(bound=recipe.scale)
+    shear, shift = uniform(bound=recipe.shear), uniform(2, bound=recipe.translate)
+    flow = None
+    if recipe.elastic > 0:  # drawn after the affine numbers, so that those stay older runs'
+        flow = elastic_flow(uniform(2, h, w, bound=1.0), recipe.elastic, recipe.elastic_sigma)
+    out = warp(images, angle=angle, zoom=zoom, shear=shear, shift=shift, flow=flow)
+    if recipe.erase > 0:
+        u = torch.rand((n, 5), device=images.device)[rows]
+        out = erase(out, erase_boxes(u, recipe.erase, h, w))
+    return out
 
 
-def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor) -> Tensor:
+def elastic_flow(noise: Tensor, alpha: float, sigma: float) -> Tensor:
+    """Noise (B, 2, H, W) uniform in [-1, 1] -> displacement field (B, H, W, 2), (row, col) in
+    pixels: each component smoothed by a Gaussian of width sigma (zero past the borders, as a
+    separable product G_H @ noise @ G_W^T) and scaled by alpha (Simard et al. 2003)."""
+    h, w = noise.shape[-2:]
+
+    def gaussian(n):  # (n, n), rows are the normalized Gaussian about each pixel
+        d = torch.arange(n, dtype=torch.float32, device=noise.device)
+        return torch.exp(-((d[:, None] - d[None, :]) ** 2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
+
+    smooth = torch.einsum("ij,bcjk,lk->bcil", gaussian(h), noise, gaussian(w))
+    return alpha * torch.movedim(smooth, 1, -1)
+
+
+def erase_boxes(u: Tensor, p: float, h: int, w: int) -> Tensor:
+    """(B, 5) numbers uniform in [0, 1) -> (B, 4) boxes (top, left, height, width) in pixels:
+    with probability p a rectangle of 2-20% of the image, aspect (height / width) log-uniform
+    in [0.3, 3.3], anywhere inside it; otherwise an empty box (height 0)."""
+    area = (0.02 + 0.18 * u[:, 1]) * h * w
+    aspect = torch.exp(math.log(0.3) + math.log(3.3 / 0.3) * u[:, 2])
+    height = torch.clamp(torch.sqrt(area * aspect), max=h)
+    width = torch.clamp(torch.sqrt(area / aspect), max=w)
+    top, left = u[:, 3] * (h - height), u[:, 4] * (w - width)
+    return torch.stack([top, left, torch.where(u[:, 0] < p, height, 0.0), width], -1)
+
+
+def erase(images: Tensor, boxes: Tensor) -> Tensor:
+    """Black out each image's box: pixel (i, j) of (B, 1, H, W) images where
+    top <= i < top + height and left <= j < left + width."""
+    h, w = images.shape[-2:]
+    top, left, height, width = (boxes[:, k, None] for k in range(4))  # (B, 1) each
+    rows = torch.arange(h, dtype=torch.float32, device=images.device)
+    cols = torch.arange(w, dtype=torch.float32, device=images.device)
+    in_rows = (rows >= top) & (rows < top + height)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + width)  # (B, W)
+    return images * ~(in_rows[:, None, :, None] & in_cols[:, None, None, :])
+
+
+def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor,
+         flow: Tensor | None = None) -> Tensor:
     """Affine warp per image, bilinear, black outside; angles in degrees, shift (row, col) pixels.
 
-    images: (B, 1, H, W) in [0, 1]. grid_sample pulls each output pixel from the input
-    position theta @ o, so theta is the inverse map; every parameter is drawn from a
-    distribution symmetric about the identity, so drawing the inverse is drawing the map.
+    images: (B, 1, H, W) in [0, 1]. grid_sample pulls each output pixel o from the input
+    position theta @ o (+ flow[o], a (B, H, W, 2) displacement in pixels, if given), so theta
+    is the inverse map; every parameter is drawn from a distribution symmetric about the
+    identity, so drawing the inverse is drawing the map.
     """
     b, _, h, w = images.shape
     deg = math.pi / 180.0
@@ -84,6 +134,8 @@ def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tens
     theta[:, 1, 0], theta[:, 1, 1] = linear[:, 0, 1] * w / h, linear[:, 0, 0]
     theta[:, 0, 2], theta[:, 1, 2] = shift[:, 1] * 2 / w, shift[:, 0] * 2 / h
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    if flow is not None:  # pixels (row, col) -> normalized (x, y)
+        grid = grid + torch.stack([flow[..., 1] * 2 / w, flow[..., 0] * 2 / h], -1)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # As in the Flax twin, a sample point outside the pixel centres is black, not blended.
     col = ((grid[..., 0] + 1) * w - 1) / 2  # (B, H, W) source column of each output pixel
@@ -117,7 +169,7 @@ class Trainer:
         self.warmup, self.total = schedule_steps(recipe, steps_per_epoch)
         self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
                     if recipe.ema_decay > 0 else None)
-        self.augmenting = any(getattr(recipe, k) > 0 for k in ("rotate", "translate", "scale", "shear"))
+        self.augmenting = augments(recipe)
         self.dtype = dtype
         wrapped = model
         if world > 1:

@@ -38,9 +38,20 @@ class Recipe:
     translate: float = 2.0  # pixels, uniform in [-translate, translate] on each axis
     scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     shear: float = 0.0  # degrees
+    elastic: float = 0.0  # elastic distortion strength alpha, pixels (Simard et al. 2003)
+    elastic_sigma: float = 4.0  # smoothness of the elastic displacement field, pixels
+    erase: float = 0.0  # probability of erasing one random rectangle of an image to black
     val_fraction: float = 0.1
     split_seed: int = 0
     seed: int = 0
+
+
+AUGMENTATIONS = ("rotate", "translate", "scale", "shear", "elastic", "erase")
+
+
+def augments(recipe: Recipe) -> bool:
+    """Whether the recipe augments the training images at all."""
+    return any(getattr(recipe, k) > 0 for k in AUGMENTATIONS)
 
 
 DEFAULT_PRESET = "cpu"
@@ -70,6 +81,12 @@ RECIPE_HELP = {
     "translate": "augmentation: max shift in pixels (0: off)",
     "scale": "augmentation: max zoom in or out, as a fraction (0: off)",
     "shear": "augmentation: max shear in degrees (0: off)",
+    "elastic": "augmentation: elastic distortion strength alpha in pixels, a random "
+               "displacement field smoothed by a Gaussian (Simard et al. 2003; 34 there; 0: off)",
+    "elastic_sigma": "augmentation: width in pixels of the Gaussian that smooths the elastic "
+                     "displacement field",
+    "erase": "augmentation: probability of erasing one random rectangle (2-20%% of the image, "
+             "aspect 0.3-3.3) to black (0: off)",
     "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
     "split_seed": "seed of the validation split (kept apart from --seed so that runs and "
                   "ensembles of several seeds are scored on the same held-out images)",
@@ -202,9 +219,11 @@ def check_recipe(r: Recipe) -> None:
     need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
-    for k in ("rotate", "translate", "scale", "shear"):
+    for k in ("rotate", "translate", "scale", "shear", "elastic"):
         need(getattr(r, k) >= 0, f"--{k} must be >= 0, got {getattr(r, k)}")
     need(r.scale < 1, f"--scale must be < 1, got {r.scale}")
+    need(r.elastic_sigma > 0, f"--elastic-sigma must be > 0, got {r.elastic_sigma}")
+    need(0 <= r.erase <= 1, f"--erase must be in [0, 1], got {r.erase}")
 
 
 def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
