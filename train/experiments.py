@@ -74,6 +74,9 @@ PLANS: dict[str, dict] = {
         for s in (0, 1)
         for name, extra in (("e44-elastic", ["--elastic", "34"]), ("e44-erase", ["--erase", "0.5"]),
                             ("e44", []))
+    ] + [  # then half Simard's strength (alpha 34 cost 0.2-0.3% above)
+        R(f"e44-elastic17-s{s}", ["--epochs", "44", *STRONG_AUG, "--elastic", "17", "--seed", str(s),
+                                  "--tta", "--no-plots"], "e44-elastic17") for s in (0, 1)
     ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
