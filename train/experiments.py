@@ -77,6 +77,9 @@ PLANS: dict[str, dict] = {
     ] + [  # then half Simard's strength (alpha 34 cost 0.2-0.3% above)
         R(f"e44-elastic17-s{s}", ["--epochs", "44", *STRONG_AUG, "--elastic", "17", "--seed", str(s),
                                   "--tta", "--no-plots"], "e44-elastic17") for s in (0, 1)
+    ] + [  # then the model: MLP 4x the width (384, as in the paper) and stochastic depth
+        R(f"e44-{name}-s0", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "0", "--tta", "--no-plots"])
+        for name, extra in (("mlp4", ["--mlp-ratio", "4"]), ("droppath", ["--drop-path", "0.1"]))
     ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
