@@ -80,6 +80,9 @@ PLANS: dict[str, dict] = {
     ] + [  # then the model: MLP 4x the width (384, as in the paper) and stochastic depth
         R(f"e44-{name}-s0", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "0", "--tta", "--no-plots"])
         for name, extra in (("mlp4", ["--mlp-ratio", "4"]), ("droppath", ["--drop-path", "0.1"]))
+    ] + [  # a third seed of half-strength elastic (the one that helped) and of its reference
+        R(f"{name}-s2", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "2", "--tta", "--no-plots"], name)
+        for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
     ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
