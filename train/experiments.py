@@ -84,6 +84,12 @@ PLANS: dict[str, dict] = {
         R(f"{name}-s2", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "2", "--tta", "--no-plots"], name)
         for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
     ], "ensembles": []},
+    # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion,
+    # which gave +0.22% over two seeds on the CPU (plan cpu-g); 3 seeds, then the TTA ensemble.
+    "gpu-g": {"runs": [
+        R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--no-plots"],
+          "kaggle-elastic17") for s in (0, 1, 2)
+    ], "ensembles": [("ens3-tta-final", [f"kaggle-elastic17-s{s}" for s in (0, 1, 2)], True, "final")]},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
     "gpu-f": {"runs": [

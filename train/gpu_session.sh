@@ -6,6 +6,7 @@
 #   PART=f: the H100 step profiled (Flax and PyTorch, raw trace kept), Flax with XLA against
 #           cuDNN attention, then plan gpu-f: seed 0 alone, seeds 1 and 2 at once (cut at a
 #           deadline so that the ensembles still run); everything packed into $OUT/part-f.tar.gz
+#   PART=g: plan gpu-g (the kaggle recipe with half-strength elastic distortion, 3 seeds, TTA ensemble)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
 set -uo pipefail
