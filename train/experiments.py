@@ -84,8 +84,9 @@ PLANS: dict[str, dict] = {
         R(f"{name}-s2", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "2", "--tta", "--no-plots"], name)
         for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
     ], "ensembles": []},
-    # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion,
-    # which gave +0.22% over two seeds on the CPU (plan cpu-g); 3 seeds, then the TTA ensemble.
+    # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
+    # gave +0.10% +- 0.2 over three paired seeds on the CPU (plan cpu-g: noise, or a small gain
+    # that a larger model trained longer may show better); 3 seeds, then the TTA ensemble.
     "gpu-g": {"runs": [
         R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--no-plots"],
           "kaggle-elastic17") for s in (0, 1, 2)
