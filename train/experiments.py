@@ -85,8 +85,9 @@ PLANS: dict[str, dict] = {
         for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
     ], "ensembles": []},
     # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
-    # gave +0.10% +- 0.2 over three paired seeds on the CPU (plan cpu-g: noise, or a small gain
-    # that a larger model trained longer may show better); 3 seeds, then the TTA ensemble.
+    # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
+    # cpu-g: a gain the size of the seed noise, which a larger model trained longer may show
+    # better); 3 seeds, then the TTA ensemble.
     "gpu-g": {"runs": [
         R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--no-plots"],
           "kaggle-elastic17") for s in (0, 1, 2)
