@@ -120,7 +120,7 @@ def test_the_elastic_field_and_its_warp_are_the_same_in_both_trainers():
 
 def test_random_erasing_is_the_same_in_both_trainers_and_blacks_out_its_box():
     u = np.random.default_rng(3).random((64, 5), dtype=np.float32)
-    boxes_f = np.asarray(jt.erase_boxes(jnp.asarray(u), 0.5, 28, 20))
+    boxes_f = np.array(jt.erase_boxes(jnp.asarray(u), 0.5, 28, 20))
     boxes_t = tt.erase_boxes(torch.from_numpy(u), 0.5, 28, 20).numpy()
     np.testing.assert_allclose(boxes_f, boxes_t, rtol=1e-5, atol=1e-5)
     top, left, height, width = boxes_f.T
