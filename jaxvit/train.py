@@ -77,17 +77,16 @@ def augment(images: jax.Array, key: jax.Array, recipe) -> jax.Array:
     def uniform(k, size, bound):
         return jax.random.uniform(k, size, minval=-bound, maxval=bound)
 
+    angle, zoom = uniform(k_rot, (b,), recipe.rotate), 1 + uniform(k_zoom, (b,), recipe.scale)
+    shear, shift = uniform(k_shear, (b,), recipe.shear), uniform(k_shift, (b, 2), recipe.translate)
     flow = None
     if recipe.elastic > 0:  # keys folded in, so that the affine draws stay those of older runs
-        noise = uniform(jax.random.fold_in(key, 1), (b, 2, h, w), 1.0)
-        flow = elastic_flow(noise, recipe.elastic, recipe.elastic_sigma)
-    out = warp(images, angle=uniform(k_rot, (b,), recipe.rotate),
-               zoom=1 + uniform(k_zoom, (b,), recipe.scale),
-               shear=uniform(k_shear, (b,), recipe.shear), shift=uniform(k_shift, (b, 2), recipe.translate),
-               flow=flow)
+        flow = elastic_flow(uniform(jax.random.fold_in(key, 1), (b, 2, h, w), 1.0), recipe.elastic,
+                            recipe.elastic_sigma)
+    out = warp(images, angle=angle, zoom=zoom, shear=shear, shift=shift, flow=flow)
     if recipe.erase > 0:
-        out = erase(out, erase_boxes(jax.random.uniform(jax.random.fold_in(key, 2), (b, 5)),
-                                     recipe.erase, h, w))
+        u = jax.random.uniform(jax.random.fold_in(key, 2), (b, 5))
+        out = erase(out, erase_boxes(u, recipe.erase, h, w))
     return out
 
 

@@ -32,6 +32,15 @@ def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax
     return {"name": name, "args": args, "group": group or name, "trainer": trainer}
 
 
+# the `cpu` preset with twice its epochs and the stronger augmentation (plan cpu-g's base)
+E44 = ["--epochs", "44", *STRONG_AUG]
+
+
+def G(name: str, args: list[str], seed: int) -> dict:
+    """A run of plan cpu-g: one seed, scored with TTA, grouped over seeds by name."""
+    return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
+
+
 PLANS: dict[str, dict] = {
     # Seconds on a CPU: checks the runner itself (used by the tests).
     "smoke": {"runs": [R("tiny-s0", ["--preset", "tiny", "--epochs", "1"], "tiny"),
@@ -69,23 +78,18 @@ PLANS: dict[str, dict] = {
     # with a baseline of the same code beside them; seeds interleaved so a plan cut short
     # still compares like with like.
     "cpu-g": {"runs": [
-        R(f"{name}-s{s}", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", str(s), "--tta",
-                           "--no-plots"], name)
-        for s in (0, 1)
+        G(name, [*E44, *extra], s) for s in (0, 1)
         for name, extra in (("e44-elastic", ["--elastic", "34"]), ("e44-erase", ["--erase", "0.5"]),
                             ("e44", []))
     ] + [  # then half Simard's strength (alpha 34 cost 0.2-0.3% above)
-        R(f"e44-elastic17-s{s}", ["--epochs", "44", *STRONG_AUG, "--elastic", "17", "--seed", str(s),
-                                  "--tta", "--no-plots"], "e44-elastic17") for s in (0, 1)
+        G("e44-elastic17", [*E44, "--elastic", "17"], s) for s in (0, 1)
     ] + [  # then the model: MLP 4x the width (384, as in the paper) and stochastic depth
-        R(f"e44-{name}-s0", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "0", "--tta", "--no-plots"])
+        G(f"e44-{name}", [*E44, *extra], 0)
         for name, extra in (("mlp4", ["--mlp-ratio", "4"]), ("droppath", ["--drop-path", "0.1"]))
     ] + [  # a third seed of half-strength elastic (the one that helped) and of its reference
-        R(f"{name}-s2", ["--epochs", "44", *STRONG_AUG, *extra, "--seed", "2", "--tta", "--no-plots"], name)
-        for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
+        G(name, [*E44, *extra], 2) for name, extra in (("e44-elastic17", ["--elastic", "17"]), ("e44", []))
     ] + [  # and on the best CPU recipe (patch 4, 40 epochs: 99.25% +- 0.03, 99.48% with TTA)
-        R("p4-e40-elastic17-s0", ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic", "17",
-                                  "--seed", "0", "--tta", "--no-plots"])
+        G("p4-e40-elastic17", ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic", "17"], 0)
     ], "ensembles": []},
     # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
