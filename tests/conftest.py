@@ -1,5 +1,14 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Parity and determinism are defined on the CPU in float32; keep tests off any accelerator.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+# The trainers' caches (train/cache.py) go to a folder of this test session, not the user's
+# ~/.cache; the trainer subprocesses inherit it, and it goes when the session ends.
+if "VIT_CACHE_DIR" not in os.environ:
+    os.environ["VIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VIT_CACHE_DIR"], True)

@@ -125,3 +125,67 @@ def test_missing_paths_folders_and_corrupt_zips_are_refused(tmp_path):
         zf.writestr("train.csv", real_rows(5, 1)[0])
     with pytest.raises(data.DataError, match="holds no test.csv"):
         data.load_competition(tmp_path / "only-train.zip")
+
+
+# ---- the parsed-data cache (train/cache.py) -------------------------------------------
+def _same(a, b):
+    for k in ("train_images", "train_labels", "test_images"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+        assert getattr(a, k).dtype == getattr(b, k).dtype
+
+
+def test_a_parsed_download_is_cached_by_content_and_read_back_equal(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    zipped = write_competition(tmp_path / "z", 300, 40, as_zip=True)
+    fresh = data.load_competition(zipped, cache=False)
+    assert not (tmp_path / "cache").exists()
+    first = data.load_competition(zipped)
+    stored = list((tmp_path / "cache" / "data").glob("digits-*.npz"))
+    assert len(stored) == 1 and data._fingerprint(zipped) in stored[0].name
+    second = data.load_competition(zipped)  # read from the cache file
+    _same(fresh, first)
+    _same(fresh, second)
+    # The same rows re-zipped byte for byte name the same file; changed rows another one.
+    with zipfile.ZipFile(zipped) as zf:
+        train = zf.read("train.csv").decode()
+        test = zf.read("test.csv").decode()
+    lines = train.splitlines()
+    lines[1] = "7" + lines[1][1:] if not lines[1].startswith("7") else "3" + lines[1][1:]
+    changed = tmp_path / "changed.zip"
+    with zipfile.ZipFile(changed, "w") as zf:
+        zf.writestr("train.csv", "\n".join(lines) + "\n")
+        zf.writestr("test.csv", test)
+    other = data.load_competition(changed)
+    assert other.train_labels[0] == int(lines[1].split(",")[0]) != fresh.train_labels[0]
+    assert len(list((tmp_path / "cache" / "data").glob("digits-*.npz"))) == 2
+
+
+def test_a_damaged_cache_file_is_parsed_again_and_rewritten(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_competition(tmp_path / "f", 200, 30)
+    fresh = data.load_competition(folder)
+    (stored,) = (tmp_path / "cache" / "data").glob("digits-*.npz")
+    stored.write_bytes(stored.read_bytes()[:1000])  # cut short, as by a full disk
+    _same(fresh, data.load_competition(folder))
+    with np.load(stored) as f:  # written whole again
+        np.testing.assert_array_equal(f["train_images"], fresh.train_images)
+
+
+def test_a_bad_csv_is_refused_even_with_the_cache_on_and_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_competition(tmp_path / "f", 50, 10)
+    text = (folder / "train.csv").read_text().splitlines()
+    text[3] = text[3].replace(",0,", ",300,", 1)
+    (folder / "train.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(data.DataError, match="row 4.*expected a pixel value in 0..255"):
+        data.load_competition(folder)
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+
+
+def test_the_cache_folder_follows_the_environment(tmp_path):
+    from train.cache import cache_dir
+
+    assert cache_dir("data", {"VIT_CACHE_DIR": str(tmp_path)}) == tmp_path / "data"
+    assert cache_dir("xla", {"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "vit-twins" / "xla"
+    for off in ("off", "", "0", "none"):
+        assert cache_dir("data", {"VIT_CACHE_DIR": off}) is None

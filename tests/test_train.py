@@ -189,3 +189,26 @@ def test_a_bad_csv_through_the_trainer_fails_with_one_line_and_no_outputs(tmp_pa
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
         assert "train.csv: row 8, column 'pixel99' is 300; expected a pixel value in 0..255" in proc.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_second_flax_launch_reuses_the_compiled_step_and_trains_the_same(comp, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAX_LOG_COMPILES", "1")  # JAX then logs each persistent-cache hit
+    runs = []
+    for name in ("cold", "warm"):
+        proc = trainer("flax", "--data", str(comp), "--out", str(tmp_path / name), "--epochs", "1", *FAST)
+        runs.append((proc.stderr, _metrics(tmp_path / name)))
+    (cold_log, cold), (warm_log, warm) = runs
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    assert hit not in cold_log and hit in warm_log
+    assert list((tmp_path / "cache" / "xla").glob("jit_train_step-*"))
+    assert list((tmp_path / "cache" / "data").glob("digits-*.npz"))
+    assert [r["train_loss"] for r in warm] == [r["train_loss"] for r in cold]
+    assert [r["val_acc"] for r in warm] == [r["val_acc"] for r in cold]
+    # With the cache off nothing is read or written (another seed: programs the cache lacks).
+    before = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    monkeypatch.setenv("VIT_CACHE_DIR", "off")
+    off = trainer("flax", "--data", str(comp), "--out", str(tmp_path / "off"), "--epochs", "1",
+                  *FAST, "--seed", "1")
+    assert "Persistent compilation cache" not in off.stderr
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == before

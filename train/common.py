@@ -110,7 +110,10 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=prog,
         description=f"Train the {framework} ViT on Kaggle's Digit Recognizer and write "
-                    f"submission.csv. Every option left out comes from the preset's recipe.")
+                    f"submission.csv. Every option left out comes from the preset's recipe.",
+        epilog="Parsed CSVs (both trainers) and compiled XLA programs (Flax) are cached for the "
+               "next launch in $VIT_CACHE_DIR (default ~/.cache/vit-twins; VIT_CACHE_DIR=off "
+               "turns it off); see train/cache.py.")
     p.add_argument("--data", default=None,
                    help="the competition download: the zip, or a folder with train.csv and "
                         "test.csv (default: ./data if present, else a 5,000-digit demo sample)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import io
 import os
 import zipfile
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from train.cache import cache_dir
 
 SIDE = 28
 PIXELS = SIDE * SIDE
@@ -140,8 +143,12 @@ def _read_member(folder_or_zip: Path, member: str) -> tuple[bytes, str]:
         raise DataError(f"{folder_or_zip}: cannot read the zip ({e})") from None
 
 
-def load_competition(path: str | os.PathLike) -> Dataset:
-    """The competition download, as a zip or as a folder holding train.csv and test.csv."""
+def load_competition(path: str | os.PathLike, cache: bool = True) -> Dataset:
+    """The competition download, as a zip or as a folder holding train.csv and test.csv.
+
+    With `cache` (and the cache on, train/cache.py) a download parsed once is read back from
+    the arrays it gave, found by the SHA-256 of its bytes: a changed file is parsed afresh.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; {GET_THE_DATA}")
@@ -150,11 +157,65 @@ def load_competition(path: str | os.PathLike) -> Dataset:
             raise DataError(f"{path}: truncated or corrupt zip")
         raise DataError(f"{path}: expected the competition zip or a folder with train.csv "
                         f"and test.csv")
+    folder = cache_dir("data") if cache else None
+    key = _fingerprint(path) if folder else None
+    stored = folder / f"digits-{CACHE_VERSION}-{key}.npz" if key else None
+    if stored is not None and stored.is_file():
+        try:
+            with np.load(stored) as f:
+                arrays = [f[k] for k in ("train_images", "train_labels", "test_images")]
+            if _cached_shapes_ok(*arrays):
+                return Dataset(*arrays, source=str(path))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable: parse the CSVs and write it again
     raw, name = _read_member(path, "train.csv")
     train_images, train_labels = parse_train(raw, name)
     raw, name = _read_member(path, "test.csv")
     test_images = parse_test(raw, name)
+    if stored is not None:
+        _store(stored, train_images=train_images, train_labels=train_labels, test_images=test_images)
     return Dataset(train_images, train_labels, test_images, source=str(path))
+
+
+# ---- the parsed-data cache (train/cache.py) -------------------------------------------
+CACHE_VERSION = "v1"  # bump when parsing changes what a CSV gives
+
+
+def _fingerprint(path: Path) -> str | None:
+    """SHA-256 of the zip, or of a folder's train.csv and test.csv (what the arrays come from);
+    None for a folder without them (the parse names what is missing)."""
+    files = [path / "train.csv", path / "test.csv"] if path.is_dir() else [path]
+    if not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            with open(f, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(block)
+    except OSError:
+        return None  # unreadable: the parse says so
+    return h.hexdigest()[:32]
+
+
+def _cached_shapes_ok(train_images, train_labels, test_images) -> bool:
+    return (train_images.dtype == np.uint8 and test_images.dtype == np.uint8
+            and train_labels.dtype == np.int32 and train_images.shape[1:] == (SIDE, SIDE)
+            and test_images.shape[1:] == (SIDE, SIDE) and train_labels.shape == train_images.shape[:1])
+
+
+def _store(path: Path, **arrays: np.ndarray) -> None:
+    """Write the arrays to a temp file, then rename; a cache that cannot be written is skipped."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_demo() -> Dataset:

@@ -25,7 +25,7 @@ import numpy as np
 from jaxvit import xla_flags
 from parity import weights as W
 from parity.config import ConfigError
-from train import common, data
+from train import cache, common, data
 from train.common import UsageError, fail
 
 FRAMEWORK = "flax"
@@ -101,6 +101,7 @@ def run(args) -> int:
     from jaxvit import train as jt
     from jaxvit.model import ViT
 
+    cache.use_jax_compilation_cache()  # a second launch reuses the compiled steps
     cpu_devices = xla_flags.cpu_devices(spec.options.get("cpu_devices"), recipe.batch_size)
     if cpu_devices is not None:  # before JAX creates its CPU backend; GPUs are not touched
         jax.config.update("jax_num_cpu_devices", cpu_devices)
@@ -235,6 +236,7 @@ def eval_only(args, spec, out: Path) -> int:
     from jaxvit import train as jt
     from jaxvit.model import ViT
 
+    cache.use_jax_compilation_cache()
     params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
     predict = jt.make_predict(ViT(config), tta=bool(args.tta))
     images, labels, test_images, _, val_idx = common.split_data(spec, dataset)
