@@ -165,3 +165,16 @@ def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
                        "matmul (dense layers)": 0.5}
     phases = {p["phase"]: p["ms"] for p in result["phases"]}
     assert phases["forward"] == 1.5 and phases["backward"] == 1.0
+
+
+def test_startup_measures_launches_with_the_caches_off_cold_and_warm(tmp_path):
+    comp = write_competition(tmp_path / "comp", 400, 30, as_zip=True)
+    proc = _run(str(ROOT / "train" / "startup.py"), "--data", str(comp), "--frameworks", "flax",
+                "--rounds", "1", "--out", str(tmp_path / "su"),
+                "--extra", "--preset tiny --batch-size 64")
+    rows = json.loads((tmp_path / "su" / "startup.json").read_text())["rows"]
+    assert [(r["framework"], r["cache"]) for r in rows] == [("flax", m) for m in ("off", "cold", "warm")]
+    for r in rows:
+        assert 0 < r["before_first_step_s"] < r["epoch1_end_since_launch_s"] < r["wall_s"]
+    assert len({r["train_loss"] for r in rows}) == 1
+    assert "| flax | warm |" in proc.stdout and "the same with and without the caches: True" in proc.stdout

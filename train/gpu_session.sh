@@ -7,6 +7,7 @@
 #           cuDNN attention, then plan gpu-f: seed 0 alone, seeds 1 and 2 at once (cut at a
 #           deadline so that the ensembles still run); everything packed into $OUT/part-f.tar.gz
 #   PART=g: plan gpu-g (the kaggle recipe with half-strength elastic distortion, 3 seeds, TTA ensemble)
+#   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
 set -uo pipefail
@@ -26,6 +27,12 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   python -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"; } > "$OUT/env-$PART.txt" 2>&1
 T0=$(date +%s)
+if [ "$PART" = s ]; then
+  if [ "${SMOKE:-0}" = 1 ]; then SX="--preset tiny --limit-train 1000 --limit-test 100"; else SX="--preset kaggle"; fi
+  python train/startup.py --data "$DATA" --rounds 1 --out "$OUT" --extra="$SX" > "$OUT/startup.md" 2> "$OUT/startup.log"
+  echo "startup rc $? after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
+  exit 0
+fi
 if [ "$PART" = f ]; then
   BUDGET=${BUDGET:-540}  # seconds for the whole part
   if [ "${SMOKE:-0}" = 1 ]; then PRESET=tiny; BATCH=32; STEPS=2; RUNX="--preset tiny --limit-train 1000 --limit-test 100 --epochs 2 --no-plots"
