@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # Parity and determinism are defined on the CPU in float32; keep tests off any accelerator.
@@ -12,3 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 if "VIT_CACHE_DIR" not in os.environ:
     os.environ["VIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VIT_CACHE_DIR"], True)
+
+# Ctrl-C reaches the trainers the tests interrupt as it does at a terminal, even where this run
+# was started with SIGINT ignored (`nohup ... &` does that, and children inherit an ignored
+# signal across exec, whereas a handled one is reset to the default there).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

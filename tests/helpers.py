@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import zipfile
@@ -77,8 +76,5 @@ def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 
 def popen_trainer(framework: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", "--no-plots",
            *args]
-    # Ctrl-C as at a terminal, even where this test run was started with SIGINT ignored (as
-    # `nohup cmd &` does, and its children inherit): Python then never raises KeyboardInterrupt.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, env=env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            cwd=cwd, env=env())
