@@ -189,3 +189,12 @@ def test_the_cache_folder_follows_the_environment(tmp_path):
     assert cache_dir("xla", {"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "vit-twins" / "xla"
     for off in ("off", "", "0", "none"):
         assert cache_dir("data", {"VIT_CACHE_DIR": off}) is None
+
+
+def test_an_unusable_compilation_cache_folder_is_skipped_with_one_line(tmp_path, capsys):
+    from train.cache import use_jax_compilation_cache
+
+    (tmp_path / "a-file").write_text("")
+    assert use_jax_compilation_cache({"VIT_CACHE_DIR": str(tmp_path / "a-file")}) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no compilation cache" in err

@@ -15,6 +15,7 @@ cache folder is `$VIT_CACHE_DIR`, by default `$XDG_CACHE_HOME/vit-twins` (`~/.ca
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ENV = "VIT_CACHE_DIR"
@@ -39,6 +40,11 @@ def use_jax_compilation_cache(environ: dict | None = None) -> Path | None:
 
     folder = cache_dir("xla", environ)
     if folder is None or jax.config.jax_compilation_cache_dir:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"note: no compilation cache ({folder}: {e.strerror}); compiling afresh", file=sys.stderr)
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
