@@ -198,3 +198,37 @@ def test_an_unusable_compilation_cache_folder_is_skipped_with_one_line(tmp_path,
     assert use_jax_compilation_cache({"VIT_CACHE_DIR": str(tmp_path / "a-file")}) is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no compilation cache" in err
+
+
+# ---- pseudo-labels (--pseudo-labels) -------------------------------------------------------
+def test_pseudo_labels_round_trip_and_a_submission_reads_as_one(tmp_path):
+    path = tmp_path / "pseudo.csv"
+    data.write_pseudo_labels(path, np.array([4, 0, 7]), np.array([9, 1, 3]), np.array([0.99, 0.8, 0.51]))
+    assert path.read_text().splitlines()[:2] == ["ImageId,Label,Confidence", "5,9,0.99"]
+    rows, labels = data.read_pseudo_labels(path, num_test=8)
+    assert rows.tolist() == [4, 0, 7] and labels.tolist() == [9, 1, 3] and labels.dtype == np.int32
+    data.write_submission(tmp_path / "submission.csv", np.array([3, 1, 4]))
+    rows, labels = data.read_pseudo_labels(tmp_path / "submission.csv", num_test=3)
+    assert rows.tolist() == [0, 1, 2] and labels.tolist() == [3, 1, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pseudo.csv", "submission.csv"]
+
+
+@pytest.mark.parametrize("text,words", [
+    ("ImageId,Label\n1,3\n9,2\n", "row 3, ImageId is 9; expected 1..8"),
+    ("ImageId,Label\n0,3\n", "row 2, ImageId is 0; expected 1..8"),
+    ("ImageId,Label\n1,3\n2,10\n", "row 3, Label is 10; expected 0..9"),
+    ("ImageId,Label\n1,3\n2,x\n", "row 3, column 'Label' is 'x'; expected an integer"),
+    ("ImageId,Label\n1,3\n2,\n", "row 3, column 'Label' is empty; expected an integer"),
+    ("ImageId,Label\n1,3\n2,4\n1,5\n", "row 4 repeats ImageId 1"),
+    ("Id,Label\n1,3\n", "no ImageId column"),
+    ("ImageId,Label\n", "has a header but no rows"),
+    ("", "not a readable CSV"),
+])
+def test_a_bad_pseudo_label_file_is_refused_naming_the_row(tmp_path, text, words):
+    path = tmp_path / "pseudo.csv"
+    path.write_text(text)
+    with pytest.raises(data.DataError) as err:
+        data.read_pseudo_labels(path, num_test=8)
+    assert words in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(data.DataError, match="no such file"):
+        data.read_pseudo_labels(tmp_path / "missing.csv", num_test=8)

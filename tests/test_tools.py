@@ -51,13 +51,23 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     cfg = json.loads((tmp_path / "k0" / "config.json").read_text())
     assert cfg["model"]["drop_path"] == 0.1 and cfg["recipe"]["ema_decay"] > 0
     assert cfg["recipe"]["rotate"] == 15 and cfg["recipe"]["translate"] == 3  # the stronger augmentation
+    pseudo = tmp_path / "pseudo.csv"
     proc = _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), str(tmp_path / "k1"),
-                "--data", str(comp), "--tta", "--out", str(tmp_path / "ens"))
+                "--data", str(comp), "--tta", "--out", str(tmp_path / "ens"),
+                "--pseudo-labels", str(pseudo), "--min-confidence", "0.111")
     report = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert report["tta"] and len(report["members"]) == 2 and report["val_images"] == 120
     assert 0.0 <= report["ensemble_val_acc"] <= 1.0
     assert "ensemble of 2 with TTA" in proc.stderr
-    assert len(pd.read_csv(tmp_path / "ens" / "submission.csv")) == 30
+    submission = pd.read_csv(tmp_path / "ens" / "submission.csv")
+    assert len(submission) == 30
+    # the pseudo-labels: the test images the ensemble is sure of, with its submitted labels
+    kept = pd.read_csv(pseudo)
+    assert list(kept.columns) == ["ImageId", "Label", "Confidence"]
+    assert len(kept) == report["pseudo_labels"]["kept"] and 0 < len(kept) < 30
+    assert (kept["Confidence"] >= 0.111).all()  # near the median of a 1-epoch model's (~0.11)
+    assert (submission.set_index("ImageId").loc[kept["ImageId"], "Label"].to_numpy()
+            == kept["Label"].to_numpy()).all()
     # --weights final scores each run's model.safetensors: the last epoch's weights, as trained
     _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), "--data", str(comp),
          "--weights", "final", "--out", str(tmp_path / "fin"))

@@ -11,6 +11,7 @@ import pytest
 
 from parity import weights as W
 from tests.helpers import popen_trainer, trainer, write_competition
+from train import data
 
 FAST = ["--preset", "tiny", "--lr", "3e-3", "--batch-size", "64", "--rotate", "0",
         "--translate", "0", "--scale", "0", "--val-fraction", "0.2"]
@@ -131,6 +132,26 @@ def test_sigkill_then_resume_ends_with_the_same_weights(framework, comp, tmp_pat
     assert [r["epoch"] for r in _metrics(tmp_path / "cut")] == [1, 2, 3, 4]
     assert (tmp_path / "cut" / "submission.csv").read_bytes() == \
         (tmp_path / "whole" / "submission.csv").read_bytes()
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_pseudo_labelled_test_images_join_the_training_split_and_not_the_validation(
+        framework, flax_run, comp, tmp_path):
+    pseudo = tmp_path / "pseudo.csv"  # the 60 test images, labelled by a trained run
+    pseudo.write_bytes((flax_run / "submission.csv").read_bytes())
+    out = tmp_path / "run"
+    proc = trainer(framework, "--data", str(comp), "--out", str(out), "--epochs", "1",
+                   "--pseudo-labels", str(pseudo), *FAST)
+    assert "pseudo-labels: 60 test images" in proc.stderr
+    assert "1020 train / 240 val" in proc.stderr  # 960 + 60 train; the same 240 held out
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["pseudo_labels"] == str(pseudo)
+    assert options["pseudo_labels_sha256"] == data.digest([pseudo])
+    relabelled = pd.read_csv(pseudo)
+    relabelled.loc[0, "Label"] = (relabelled.loc[0, "Label"] + 1) % 10
+    relabelled.to_csv(pseudo, index=False)
+    again = trainer(framework, "--resume", str(out), check=False)
+    assert again.returncode == 2 and "pseudo-label file changed since the run started" in again.stderr
 
 
 def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):

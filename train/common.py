@@ -124,6 +124,10 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="continue the run in DIR from its last completed epoch")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average predictions over small shifts")
+    p.add_argument("--pseudo-labels", default=None, metavar="CSV",
+                   help="also train on the test.csv images labelled in CSV (columns ImageId,Label: "
+                        "a submission.csv, or what train/ensemble.py --pseudo-labels writes); "
+                        "the validation split is untouched")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: bfloat16 on a GPU, float32 on CPU); weights "
                         "stay float32")
@@ -366,6 +370,30 @@ def split_data(spec: Run, dataset) -> tuple[Any, Any, Any, Any, Any]:
     return images, labels, test_images, train_idx, val_idx
 
 
+def add_pseudo_labels(spec: Run, dataset, images, labels, train_idx):
+    """Append the pseudo-labelled test images to the training split (--pseudo-labels).
+
+    They go after train.csv's rows, so the validation indices keep pointing at the same
+    held-out digits. The file's SHA-256 is kept in the run's options: a resume refuses a file
+    that changed. -> (images, labels, train indices)."""
+    import numpy as np
+
+    from train import data
+
+    path = Path(spec.options["pseudo_labels"])
+    rows, pseudo = data.read_pseudo_labels(path, len(dataset.test_images))
+    digest = data.digest([path])
+    if spec.options.setdefault("pseudo_labels_sha256", digest) != digest:
+        raise UsageError(f"{path}: the pseudo-label file changed since the run started; "
+                         f"resume with the file it started with")
+    print(f"pseudo-labels: {len(rows)} test images from {path} join the training split",
+          file=sys.stderr)
+    first = len(images)
+    return (np.concatenate([images, dataset.test_images[rows]]),
+            np.concatenate([labels, pseudo]),
+            np.concatenate([train_idx, first + np.arange(len(rows))]))
+
+
 def load_job(args: argparse.Namespace, spec: Run) -> Job:
     """Load and check everything that can be refused, before anything is written."""
     from train import data
@@ -383,6 +411,8 @@ def load_job(args: argparse.Namespace, spec: Run) -> Job:
         raise UsageError(f"the digits are 28x28x1; the config asks for "
                          f"{c.image_height}x{c.image_width}x{c.channels}")
     images, labels, test_images, train_idx, val_idx = split_data(spec, dataset)
+    if spec.options.get("pseudo_labels"):
+        images, labels, train_idx = add_pseudo_labels(spec, dataset, images, labels, train_idx)
     steps_per_epoch = len(train_idx) // spec.recipe.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {spec.recipe.batch_size} is larger than the training split "

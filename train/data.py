@@ -187,14 +187,19 @@ def _fingerprint(path: Path) -> str | None:
     files = [path / "train.csv", path / "test.csv"] if path.is_dir() else [path]
     if not all(f.is_file() for f in files):
         return None
-    h = hashlib.sha256()
     try:
-        for f in files:
-            with open(f, "rb") as stream:
-                for block in iter(lambda: stream.read(1 << 20), b""):
-                    h.update(block)
+        return digest(files)
     except OSError:
         return None  # unreadable: the parse says so
+
+
+def digest(files: list[Path]) -> str:
+    """SHA-256 of the files' bytes, one after the other (32 hex digits)."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:32]
 
 
@@ -249,6 +254,58 @@ def resolve(data: str | None) -> Dataset:
     return load_demo()
 
 
+# ---- pseudo-labels: test.csv rows labelled by a model ----------------------------------
+def read_pseudo_labels(path: str | os.PathLike, num_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSV with the columns ImageId (1-based row of test.csv) and Label (0..9), such as a
+    submission.csv or what `train/ensemble.py --pseudo-labels` writes; other columns are
+    ignored. -> (0-based test rows, labels), in file order. Refuses anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected a CSV with columns ImageId,Label "
+                        f"(a submission.csv, or train/ensemble.py --pseudo-labels)")
+    try:
+        frame = pd.read_csv(path, engine="c")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[0]})") from None
+    missing = [c for c in ("ImageId", "Label") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(missing)} column; expected the columns "
+                        f"ImageId,Label (found {','.join(map(str, frame.columns[:4]))})")
+    if len(frame) == 0:
+        raise DataError(f"{path}: has a header but no rows")
+    columns = {}
+    for name in ("ImageId", "Label"):
+        values = pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bad.any():
+            r = int(np.argmax(bad))
+            cell = frame[name].iloc[r]
+            what = "is empty" if pd.isna(cell) else f"is {cell!r}"
+            raise DataError(f"{path}: row {r + 2}, column {name!r} {what}; expected an integer")
+        columns[name] = values.astype(np.int64)
+    ids, labels = columns["ImageId"], columns["Label"]
+    for name, values, lo, hi in (("ImageId", ids, 1, num_test), ("Label", labels, 0, 9)):
+        bad = (values < lo) | (values > hi)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise DataError(f"{path}: row {r + 2}, {name} is {values[r]}; expected {lo}..{hi}")
+    seen = pd.Series(ids).duplicated().to_numpy()
+    if seen.any():
+        r = int(np.argmax(seen))
+        raise DataError(f"{path}: row {r + 2} repeats ImageId {ids[r]}; each test image may "
+                        f"be labelled once")
+    return ids - 1, labels.astype(np.int32)
+
+
+def write_pseudo_labels(path: str | os.PathLike, rows: np.ndarray, labels: np.ndarray,
+                        confidence: np.ndarray) -> None:
+    """'ImageId,Label,Confidence' for the given 0-based test rows."""
+    frame = pd.DataFrame({"ImageId": np.asarray(rows, np.int64) + 1,
+                          "Label": np.asarray(labels, np.int64),
+                          "Confidence": np.round(np.asarray(confidence, np.float64), 6)})
+    _write_csv(path, frame)
+
+
 # ---- splitting -----------------------------------------------------------------------
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded hold-out split keeping each class's share; -> (train indices, val indices), sorted."""
@@ -272,10 +329,14 @@ def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
 
 # ---- writing -------------------------------------------------------------------------
 def write_submission(path: str | os.PathLike, predictions: np.ndarray) -> None:
-    """Kaggle's format: 'ImageId,Label', ImageId 1-based; written to a temp file, then renamed."""
+    """Kaggle's format: 'ImageId,Label', ImageId 1-based."""
+    _write_csv(path, pd.DataFrame({"ImageId": np.arange(1, len(predictions) + 1),
+                                   "Label": np.asarray(predictions, np.int64)}))
+
+
+def _write_csv(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    """Write to a temp file beside `path`, then rename: never a half-written CSV."""
     path = Path(path)
-    frame = pd.DataFrame({"ImageId": np.arange(1, len(predictions) + 1),
-                          "Label": np.asarray(predictions, np.int64)})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         frame.to_csv(tmp, index=False)

@@ -8,6 +8,11 @@ the end of training, instead: the best epoch was chosen on the validation split,
 there is slightly optimistic, the final weights' is not. The members must share the
 validation split (same --val-fraction and --split-seed), so that the ensemble's validation
 accuracy is measured on images that no member trained on.
+
+`--pseudo-labels FILE` also writes the test images the ensemble is sure of (averaged top
+probability >= --min-confidence) with its labels, for a trainer's `--pseudo-labels FILE`:
+self-training on the unlabelled test.csv, as Kaggle competitors do. Its validation split
+stays untouched, so the student's validation accuracy stays honest.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", choices=("best", "final"), default="best",
                    help="each run's best-epoch weights (chosen on the validation split) or its final ones")
     p.add_argument("--out", default="runs/ensemble", help="where submission.csv and ensemble.json go")
+    p.add_argument("--pseudo-labels", default=None, metavar="CSV",
+                   help="also write the test images the ensemble is sure of, as ImageId,Label,"
+                        "Confidence, for a trainer's --pseudo-labels")
+    p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
+                   help="with --pseudo-labels: keep the test images whose averaged top "
+                        "probability is at least P (default 0.5)")
     args = p.parse_args(argv)
     xla_flags.apply()  # before JAX creates its backend
     try:
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    if not 0 <= args.min_confidence <= 1:
+        raise UsageError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     members = [member_weights(Path(r), args.weights) for r in args.runs]
     splits = {(m["recipe"]["val_fraction"], m["recipe"].get("split_seed", 0),
                m["options"].get("limit_train")) for _, m in members}
@@ -96,7 +109,16 @@ def run(args) -> int:
               f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images", file=sys.stderr)
     report["tta"] = bool(args.tta)
     report["weights"] = args.weights
-    data.write_submission(out / "submission.csv", np.mean(test_probs, 0).argmax(-1))
+    test_mean = np.mean(test_probs, 0)
+    data.write_submission(out / "submission.csv", test_mean.argmax(-1))
+    if args.pseudo_labels:
+        confidence = test_mean.max(-1)
+        keep = np.flatnonzero(confidence >= args.min_confidence)
+        data.write_pseudo_labels(args.pseudo_labels, keep, test_mean[keep].argmax(-1), confidence[keep])
+        report["pseudo_labels"] = {"path": str(args.pseudo_labels), "min_confidence": args.min_confidence,
+                                   "kept": int(len(keep)), "of": int(len(test_mean))}
+        print(f"wrote {args.pseudo_labels}: {len(keep)} of {len(test_mean)} test images at "
+              f"confidence >= {args.min_confidence}", file=sys.stderr)
     (out / "ensemble.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'submission.csv'}", file=sys.stderr)
     return 0
