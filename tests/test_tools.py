@@ -93,11 +93,15 @@ def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),
          "--out", str(tmp_path / "exp"), "--extra", "--limit-train 400", "--jobs", "2")
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert [r["name"] for r in results["runs"]] == ["tiny-s0", "tiny-s1"]  # plan order
+    assert [r["name"] for r in results["runs"]] == ["tiny-s0", "tiny-s1", "tiny-pseudo"]  # plan order
     assert all(r["returncode"] == 0 and r["epochs"] == 1 and r["concurrent_runs"] == 2
                and not r["killed_at_deadline"] for r in results["runs"])
     assert results["groups"]["tiny"]["n"] == 2
-    assert results["ensembles"][0]["name"] == "tiny-ens" and "ensemble_val_acc" in results["ensembles"][0]
+    ens = results["ensembles"][0]
+    assert ens["name"] == "tiny-ens" and "ensemble_val_acc" in ens
+    assert ens["pseudo_labels"]["kept"] == 10  # --min-confidence 0 keeps all of test.csv
+    # the second stage trained on them: the ensemble's labels of the 10 test images
+    assert "pseudo-labels: 10 test images" in (tmp_path / "exp" / "tiny-pseudo.log").read_text()
 
 
 def test_experiment_runner_stops_runs_at_the_deadline_and_keeps_what_they_did(tmp_path):

@@ -6,8 +6,10 @@ Each run is a real subprocess of train/flax_main.py or train/torch_main.py, time
 launch (imports and compilation included). For every run the results hold its final and best
 validation accuracy, the seconds from launch to 99.0% / 99.5% validation accuracy, its
 throughput and its whole wall time; for every group of seeds, the mean and sd. Ensembles of
-finished runs go through train/ensemble.py. results.json is rewritten after every run, so a
-plan cut short still leaves what it measured.
+finished runs go through train/ensemble.py. A plan may come in stages, each one's runs and
+then its ensembles, so that an ensemble can label test.csv (`--pseudo-labels`) for the next
+stage's runs; "{out}" in a plan's arguments is the --out folder. results.json is rewritten
+after every run, so a plan cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ def G(name: str, args: list[str], seed: int) -> dict:
 
 
 PLANS: dict[str, dict] = {
-    # Seconds on a CPU: checks the runner itself (used by the tests).
-    "smoke": {"runs": [R("tiny-s0", ["--preset", "tiny", "--epochs", "1"], "tiny"),
-                       R("tiny-s1", ["--preset", "tiny", "--epochs", "1", "--seed", "1"], "tiny")],
-              "ensembles": [("tiny-ens", ["tiny-s0", "tiny-s1"], True)]},
+    # Seconds on a CPU: checks the runner itself (used by the tests): two runs, their ensemble
+    # labelling test.csv, then a run trained on those pseudo-labels too.
+    "smoke": {"stages": [
+        {"runs": [R("tiny-s0", ["--preset", "tiny", "--epochs", "1"], "tiny"),
+                  R("tiny-s1", ["--preset", "tiny", "--epochs", "1", "--seed", "1"], "tiny")],
+         "ensembles": [("tiny-ens", ["tiny-s0", "tiny-s1"], True, None,
+                        ["--pseudo-labels", "{out}/pseudo.csv", "--min-confidence", "0"])]},
+        {"runs": [R("tiny-pseudo", ["--preset", "tiny", "--epochs", "1",
+                                    "--pseudo-labels", "{out}/pseudo.csv"])],
+         "ensembles": []}]},
     # GPU, part A: the CPU recipe's accuracy per epoch, the fast recipe, both twins on `base`.
     "gpu-a": {"runs": [
         R("fast-base-e10", ["--preset", "base", "--epochs", "10", "--lr", "2e-3"]),
@@ -172,14 +180,34 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"plan": args.plan, "runs": [], "groups": {}, "ensembles": []}
     data_args = ["--data", args.data] if args.data else []
     start = time.time()
-    queue = [r for r in plan["runs"] if not keep or r["name"] in keep]
-    order = {r["name"]: i for i, r in enumerate(plan["runs"])}  # results keep the plan's order
+    stages = plan.get("stages", [plan])
+    order = {r["name"]: i for i, r in enumerate(r for st in stages for r in st["runs"])}
+    for i, stage in enumerate(stages):
+        if i and args.deadline is not None and time.time() - start > args.deadline:
+            break  # a later stage needs the earlier one whole
+        queue = [r for r in stage["runs"] if not keep or r["name"] in keep]
+        _run_queue(queue, args, out, data_args, env, start, results, order)
+        for spec in stage["ensembles"]:
+            _ensemble(spec, out, data_args, env, results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _fill(args: list[str], out: Path) -> list[str]:
+    """A plan's arguments with {out} (the plan's --out folder) filled in."""
+    return [a.replace("{out}", str(out)) for a in args]
+
+
+def _run_queue(queue: list[dict], args, out: Path, data_args: list[str], env: dict, start: float,
+               results: dict, order: dict[str, int]) -> None:
+    """Run the runs, --jobs at a time, summarizing each into results.json as it ends."""
     running: list[tuple[dict, subprocess.Popen, float, object]] = []
     while queue or running:
         while queue and len(running) < args.jobs:
             run = queue.pop(0)
             cmd = [sys.executable, str(ROOT / "train" / f"{run['trainer']}_main.py"), "--quiet",
-                   *data_args, "--out", str(out / run["name"]), *run["args"], *args.extra.split()]
+                   *data_args, "--out", str(out / run["name"]), *_fill(run["args"], out),
+                   *args.extra.split()]
             print(f"== {run['name']}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
             log = open(out / f"{run['name']}.log", "w")
             running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -206,22 +234,26 @@ def main(argv: list[str] | None = None) -> int:
             (out / "results.json").write_text(json.dumps(results, indent=1))
         if late:
             queue.clear()
-    for name, members, tta, *which in plan["ensembles"]:
-        dirs = [str(out / m) for m in members if (out / m / "model.safetensors").exists()]
-        if len(dirs) < 2:
-            continue
-        cmd = [sys.executable, str(ROOT / "train" / "ensemble.py"), *dirs, *data_args,
-               "--out", str(out / name)] + (["--tta"] if tta else []) + \
-              (["--weights", which[0]] if which else [])
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        report = json.loads((out / name / "ensemble.json").read_text()) if proc.returncode == 0 else {}
-        results["ensembles"].append({"name": name, "members": members, "tta": tta,
-                                     "returncode": proc.returncode, "wall_s": time.time() - t0,
-                                     **report, "stderr": proc.stderr[-1500:]})
-        print(f"== {name}: {report.get('ensemble_val_acc')}", file=sys.stderr, flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    return 0
+
+
+def _ensemble(spec: tuple, out: Path, data_args: list[str], env: dict, results: dict) -> None:
+    """One ensemble of finished runs: (name, members, tta[, weights[, extra ensemble.py args]])."""
+    name, members, tta, *rest = spec
+    which, extra = (rest[0] if rest else None), (rest[1] if len(rest) > 1 else [])
+    dirs = [str(out / m) for m in members if (out / m / "model.safetensors").exists()]
+    if len(dirs) < min(2, len(members)):  # a one-member "ensemble" labels data for a later stage
+        return
+    cmd = [sys.executable, str(ROOT / "train" / "ensemble.py"), *dirs, *data_args,
+           "--out", str(out / name)] + (["--tta"] if tta else []) + \
+          (["--weights", which] if which else []) + _fill(extra, out)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    report = json.loads((out / name / "ensemble.json").read_text()) if proc.returncode == 0 else {}
+    results["ensembles"].append({"name": name, "members": members, "tta": tta,
+                                 "returncode": proc.returncode, "wall_s": time.time() - t0,
+                                 **report, "stderr": proc.stderr[-1500:]})
+    print(f"== {name}: {report.get('ensemble_val_acc')}", file=sys.stderr, flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def _groups(results: dict) -> None:
