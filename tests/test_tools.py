@@ -88,6 +88,17 @@ def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):
     assert proc.returncode == 2 and "different validation splits" in proc.stderr
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--min-confidence", "2"], "--min-confidence must be in [0, 1], got 2.0"),
+    (["--pseudo-labels", "/no/such/folder/p.csv"], "no such folder to write it in"),
+])
+def test_ensemble_refuses_bad_pseudo_label_options_before_any_work(args, words, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ensemble.py"), str(tmp_path / "run"),
+                           "--out", str(tmp_path / "e"), *args], capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
 def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
     _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),

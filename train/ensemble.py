@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     if not 0 <= args.min_confidence <= 1:
         raise UsageError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
+    if args.pseudo_labels and not Path(args.pseudo_labels).resolve().parent.is_dir():
+        raise UsageError(f"--pseudo-labels {args.pseudo_labels}: no such folder to write it in")
     members = [member_weights(Path(r), args.weights) for r in args.runs]
     splits = {(m["recipe"]["val_fraction"], m["recipe"].get("split_seed", 0),
                m["options"].get("limit_train")) for _, m in members}

@@ -109,6 +109,21 @@ PLANS: dict[str, dict] = {
     "cpu-h": {"runs": [G("p4-e40-elastic17", P4_ELASTIC17, s) for s in (1, 2, 0)],
               "ensembles": [(f"ens3-tta-{w}", [f"p4-e40-elastic17-s{s}" for s in (0, 1, 2)], True, w)
                             for w in ("final", "best")]},
+    # CPU, part I: pseudo-labels. A teacher (cpu-g's e44-elastic17 recipe, seed 0) labels
+    # test.csv with TTA on its final weights; students of the same recipe, and of the patch-4
+    # one, train on train.csv's split plus the 27.9k test images it is sure of, for about the
+    # teacher's number of steps (65.7k images an epoch instead of 37.8k: 25 epochs against 44,
+    # 23 against 40), so that any gain comes from the data, not from longer training.
+    "cpu-i": {"stages": [
+        {"runs": [G("e44-elastic17", [*E44, "--elastic", "17"], 0)],
+         "ensembles": [("teacher-labels", ["e44-elastic17-s0"], True, "final",
+                        ["--pseudo-labels", "{out}/pseudo-p7.csv", "--min-confidence", "0.5"])]},
+        {"runs": [G("e25-elastic17-pseudo", ["--epochs", "25", *STRONG_AUG, "--elastic", "17",
+                                             "--pseudo-labels", "{out}/pseudo-p7.csv"], s) for s in (0, 1)]
+         + [G("p4-e23-elastic17-pseudo", ["--patch-size", "4", "--epochs", "23", *STRONG_AUG,
+                                          "--elastic", "17", "--pseudo-labels", "{out}/pseudo-p7.csv"], s)
+            for s in (0, 1)],
+         "ensembles": []}]},
     # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
     # cpu-g: a gain the size of the seed noise, which a larger model trained longer may show
