@@ -43,7 +43,7 @@ P4_ELASTIC17 = ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic",
 
 
 def G(name: str, args: list[str], seed: int) -> dict:
-    """A run of the CPU plans (cpu-g, cpu-h): one seed, scored with TTA, grouped over seeds by name."""
+    """A run of the CPU plans (cpu-g, cpu-h, cpu-i): one seed, scored with TTA, grouped over seeds by name."""
     return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
 
 
