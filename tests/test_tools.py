@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import ROOT, env, trainer, write_competition
+from train import data
 
 
 def _run(*args, timeout=600):
@@ -59,6 +60,18 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     assert report["tta"] and len(report["members"]) == 2 and report["val_images"] == 120
     assert 0.0 <= report["ensemble_val_acc"] <= 1.0
     assert "ensemble of 2 with TTA" in proc.stderr
+    # where the errors are: train.csv rows, consistent with the accuracies and with each other
+    errors = report["errors"]
+    for member, wrong in zip(report["members"], errors["members"], strict=True):
+        assert len(wrong) == round((1 - member["val_acc"]) * 120)
+    assert len(errors["ensemble"]) == round((1 - report["ensemble_val_acc"]) * 120)
+    every, anyone = set(errors["every"]), set(errors["any"])
+    assert every == set(errors["members"][0]) & set(errors["members"][1])
+    assert anyone == set(errors["members"][0]) | set(errors["members"][1])
+    assert set(errors["rescued"]) == every - set(errors["ensemble"])
+    assert errors["oracle_val_acc"] == pytest.approx(1 - len(every) / 120)
+    _, val_rows = data.stratified_split(data.resolve(str(comp)).train_labels[:600], 0.2, 0)
+    assert anyone <= set(val_rows.tolist()) and "wrong in every member" in proc.stderr
     submission = pd.read_csv(tmp_path / "ens" / "submission.csv")
     assert len(submission) == 30
     # the pseudo-labels: the test images the ensemble is sure of, with its submitted labels

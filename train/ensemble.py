@@ -13,6 +13,10 @@ accuracy is measured on images that no member trained on.
 probability >= --min-confidence) with its labels, for a trainer's `--pseudo-labels FILE`:
 self-training on the unlabelled test.csv, as Kaggle competitors do. Its validation split
 stays untouched, so the student's validation accuracy stays honest.
+
+ensemble.json also says where the errors are: the validation images (train.csv rows) each
+member gets wrong, those every member gets wrong (what picking the right member for each
+image could not fix) and those at least one does.
 """
 
 from __future__ import annotations
@@ -43,6 +47,20 @@ def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
         if (run_dir / name).is_file():
             return run_dir / name, run
     raise UsageError(f"{run_dir}: holds no {' or '.join(names)} (has the run finished?)")
+
+
+def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray) -> dict:
+    """Which validation images each member gets wrong, as train.csv row numbers (0 = its first
+    image), and how the sets overlap: wrong in every member, in at least one, by the ensemble.
+    `oracle_val_acc` is the score of picking the right member for each image. Averaging can
+    beat it only by getting right an image that every member gets wrong (their wrong answers
+    differ and the right one is each one's second choice); `rescued` lists those."""
+    wrong = [set(rows[p.argmax(-1) != labels].tolist()) for p in val_probs]
+    every, anyone = set.intersection(*wrong), set.union(*wrong)
+    ensemble = set(rows[np.mean(val_probs, 0).argmax(-1) != labels].tolist())
+    return {"members": [sorted(w) for w in wrong], "every": sorted(every), "any": sorted(anyone),
+            "ensemble": sorted(ensemble), "rescued": sorted(every - ensemble),
+            "oracle_val_acc": 1 - len(every) / len(labels)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +125,12 @@ def run(args) -> int:
     if val_probs:
         report["ensemble_val_acc"] = float(np.mean(np.mean(val_probs, 0).argmax(-1) == labels[val_idx]))
         report["val_images"] = int(len(val_idx))
+        report["errors"] = error_overlap(val_probs, labels[val_idx], val_idx)
         print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''}: val acc "
               f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images", file=sys.stderr)
+        e = report["errors"]
+        print(f"wrong in every member: {len(e['every'])}, in at least one: {len(e['any'])}; the best "
+              f"member for each image would score {e['oracle_val_acc']:.4f}", file=sys.stderr)
     report["tta"] = bool(args.tta)
     report["weights"] = args.weights
     test_mean = np.mean(test_probs, 0)
