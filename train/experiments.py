@@ -36,6 +36,8 @@ def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax
 
 # the `cpu` preset with twice its epochs and the stronger augmentation (plan cpu-g's base)
 E44 = ["--epochs", "44", *STRONG_AUG]
+# ... with half-strength elastic distortion (cpu-g's best patch-7 recipe; cpu-i's teacher, cpu-j's base)
+E44_ELASTIC17 = [*E44, "--elastic", "17"]
 
 
 # the best CPU recipe (patch 4, 40 epochs, stronger augmentation) with half-strength elastic
@@ -94,7 +96,7 @@ PLANS: dict[str, dict] = {
         for name, extra in (("e44-elastic", ["--elastic", "34"]), ("e44-erase", ["--erase", "0.5"]),
                             ("e44", []))
     ] + [  # then half Simard's strength (alpha 34 cost 0.2-0.3% above)
-        G("e44-elastic17", [*E44, "--elastic", "17"], s) for s in (0, 1)
+        G("e44-elastic17", E44_ELASTIC17, s) for s in (0, 1)
     ] + [  # then the model: MLP 4x the width (384, as in the paper) and stochastic depth
         G(f"e44-{name}", [*E44, *extra], 0)
         for name, extra in (("mlp4", ["--mlp-ratio", "4"]), ("droppath", ["--drop-path", "0.1"]))
@@ -115,7 +117,7 @@ PLANS: dict[str, dict] = {
     # teacher's number of steps (65.7k images an epoch instead of 37.8k: 25 epochs against 44,
     # 23 against 40), so that any gain comes from the data, not from longer training.
     "cpu-i": {"stages": [
-        {"runs": [G("e44-elastic17", [*E44, "--elastic", "17"], 0)],
+        {"runs": [G("e44-elastic17", E44_ELASTIC17, 0)],
          "ensembles": [("teacher-labels", ["e44-elastic17-s0"], True, "final",
                         ["--pseudo-labels", "{out}/pseudo-p7.csv", "--min-confidence", "0.5"])]},
         {"runs": [G("e25-elastic17-pseudo", ["--epochs", "25", *STRONG_AUG, "--elastic", "17",
@@ -130,7 +132,7 @@ PLANS: dict[str, dict] = {
     # average pooling instead of the class token, no label smoothing, half and 1.5x the learning
     # rate, 6 blocks instead of 4.
     "cpu-j": {"runs": [
-        G(f"e44-elastic17-{name}", [*E44, "--elastic", "17", *extra], 0)
+        G(f"e44-elastic17-{name}", [*E44_ELASTIC17, *extra], 0)
         for name, extra in (("mlp4", ["--mlp-ratio", "4"]), ("droppath", ["--drop-path", "0.1"]),
                             ("sincos2d", ["--posemb", "sincos2d"]), ("gap", ["--pool", "gap"]),
                             ("ls0", ["--label-smoothing", "0"]), ("lr1e-3", ["--lr", "1e-3"]),
