@@ -7,7 +7,7 @@ them, and `python -m parity` prints them as a table.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -242,8 +242,9 @@ def check_round_trips(config: ViTConfig, name: str) -> list[Row]:
     return [Row("round trips bitwise (tensors differing)", name, float(bad), 0.0)]
 
 
-def all_rows() -> Iterator[Row]:
-    for name, config in CONFIGS.items():
+def all_rows(names: Iterable[str] | None = None) -> Iterator[Row]:
+    for name in names or CONFIGS:
+        config = CONFIGS[name]
         yield from check_round_trips(config, name)
         yield from check_posemb(config, name)
         for batch in BATCHES:

@@ -43,12 +43,20 @@ def test_parity_report_exits_zero_and_prints_table():
     import subprocess
     import sys
 
-    # The report covers the same matrix; run the real command once, end to end.
-    proc = subprocess.run([sys.executable, "-m", "parity"], capture_output=True, text=True,
-                          timeout=600)
+    # The tests above check the whole matrix in-process; run the real command end to end on
+    # two of its configs (all of them take about 40 s here), and on a name it does not have.
+    names = ["p4-cls-learned-28x28-w48", "p2-gap-sincos2d-12x16-w36"]
+    proc = subprocess.run([sys.executable, "-m", "parity", "--config", ",".join(names)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| stage | config | max abs diff | tolerance | result |" in proc.stdout
-    assert " 0 failed" in proc.stdout
+    rows = [line.split(" | ")[1].split()[0] for line in proc.stdout.splitlines() if line.startswith("| ") and
+            "pass" in line]
+    assert set(rows) == set(names) and " 0 failed" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "parity", "--config", "p5-nope"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown --config p5-nope" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout
 
 
 def test_suite_notices_a_weight_that_differs_by_1e_3():
