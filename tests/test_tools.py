@@ -59,7 +59,9 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     report = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert report["tta"] and len(report["members"]) == 2 and report["val_images"] == 120
     assert 0.0 <= report["ensemble_val_acc"] <= 1.0
-    assert "ensemble of 2 with TTA" in proc.stderr
+    assert report["combine"] == "mean" and report["ensemble_val_acc"] == report["combiners"]["mean"]
+    assert set(report["combiners"]) == {"mean", "log-mean", "vote", "max-confidence"}
+    assert "ensemble of 2 with TTA (mean)" in proc.stderr and "other rules: log-mean" in proc.stderr
     # where the errors are: train.csv rows, consistent with the accuracies and with each other
     errors = report["errors"]
     for member, wrong in zip(report["members"], errors["members"], strict=True):
@@ -83,11 +85,32 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
             == kept["Label"].to_numpy()).all()
     # --weights final scores each run's model.safetensors: the last epoch's weights, as trained
     _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), "--data", str(comp),
-         "--weights", "final", "--out", str(tmp_path / "fin"))
+         "--weights", "final", "--combine", "vote", "--out", str(tmp_path / "fin"))
     report = json.loads((tmp_path / "fin" / "ensemble.json").read_text())
+    assert report["combine"] == "vote" and report["ensemble_val_acc"] == report["combiners"]["vote"]
     last = json.loads((tmp_path / "k0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert report["weights"] == "final" and report["members"][0]["weights"].endswith("model.safetensors")
     assert report["members"][0]["val_acc"] == pytest.approx(last["val_acc"], abs=1e-9)
+
+
+def test_each_combining_rule_decides_as_it_says():
+    import numpy as np
+
+    from train.ensemble import COMBINERS, combine
+
+    # three members, four images (rows), three classes; each image splits the rules differently
+    members = [np.array([[0.9, 0.1, 0.0], [0.51, 0.49, 0.0], [0.6, 0.4, 0.0], [0.5, 0.3, 0.2]]),
+               np.array([[0.9, 0.1, 0.0], [0.51, 0.49, 0.0], [0.6, 0.4, 0.0], [0.1, 0.6, 0.3]]),
+               np.array([[1e-9, 0.9, 0.1], [0.0, 1.0, 0.0], [0.35, 0.65, 0.0], [0.3, 0.3, 0.4]])]
+    expected = {"mean": [0, 1, 0, 1],
+                "log-mean": [1, 1, 0, 1],  # the third member all but rules out class 0 of image 0
+                "vote": [0, 0, 0, 1],  # image 3: one vote each, the mean breaks the tie
+                "max-confidence": [0, 1, 1, 1]}  # image 2: the third member is the surest
+    assert set(expected) == set(COMBINERS)
+    for how, labels in expected.items():
+        p = combine(members, how)
+        assert p.argmax(-1).tolist() == labels, how
+        assert np.allclose(p.sum(-1), 1) and (p >= 0).all()
 
 
 def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):

@@ -14,6 +14,12 @@ probability >= --min-confidence) with its labels, for a trainer's `--pseudo-labe
 self-training on the unlabelled test.csv, as Kaggle competitors do. Its validation split
 stays untouched, so the student's validation accuracy stays honest.
 
+`--combine` picks how the members' class probabilities become one: their mean (the default),
+the mean of their logs (a geometric mean: a class that any member rules out loses), a majority
+vote (ties go to the higher mean probability), or the most confident member's alone.
+ensemble.json scores every rule on the validation split, whichever one the submission used;
+choosing a rule by those scores is choosing on the validation split.
+
 ensemble.json also says where the errors are: the validation images (train.csv rows) each
 member gets wrong, those every member gets wrong (what picking the right member for each
 image could not fix) and those at least one does.
@@ -49,7 +55,30 @@ def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
     raise UsageError(f"{run_dir}: holds no {' or '.join(names)} (has the run finished?)")
 
 
-def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray) -> dict:
+def combine(probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
+    """One (N, classes) probability table from the members' tables, by the rule `how`."""
+    p = np.stack(probs).astype(np.float64)  # (members, N, classes)
+    if how == "mean":
+        return p.mean(0)
+    if how == "log-mean":
+        logs = np.log(np.clip(p, 1e-12, 1.0)).mean(0)
+        e = np.exp(logs - logs.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    if how == "vote":
+        votes = np.eye(p.shape[-1])[p.argmax(-1)].mean(0)  # each member's share of the vote
+        scores = votes + 1e-6 * p.mean(0)  # a tie goes to the higher mean probability
+        return scores / scores.sum(-1, keepdims=True)
+    if how == "max-confidence":
+        sure = p.max(-1).argmax(0)  # (N,): the member surest of each image
+        return p[sure, np.arange(p.shape[1])]
+    raise UsageError(f"--combine {how}: not one of {', '.join(COMBINERS)}")
+
+
+COMBINERS = ("mean", "log-mean", "vote", "max-confidence")
+
+
+def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray,
+                  how: str = "mean") -> dict:
     """Which validation images each member gets wrong, as train.csv row numbers (0 = its first
     image), and how the sets overlap: wrong in every member, in at least one, by the ensemble.
     `oracle_val_acc` is the score of picking the right member for each image. Averaging can
@@ -57,7 +86,7 @@ def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndar
     differ and the right one is each one's second choice); `rescued` lists those."""
     wrong = [set(rows[p.argmax(-1) != labels].tolist()) for p in val_probs]
     every, anyone = set.intersection(*wrong), set.union(*wrong)
-    ensemble = set(rows[np.mean(val_probs, 0).argmax(-1) != labels].tolist())
+    ensemble = set(rows[combine(val_probs, how).argmax(-1) != labels].tolist())
     return {"members": [sorted(w) for w in wrong], "every": sorted(every), "any": sorted(anyone),
             "ensemble": sorted(ensemble), "rescued": sorted(every - ensemble),
             "oracle_val_acc": 1 - len(every) / len(labels)}
@@ -70,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", action="store_true", help="also average over small shifts")
     p.add_argument("--weights", choices=("best", "final"), default="best",
                    help="each run's best-epoch weights (chosen on the validation split) or its final ones")
+    p.add_argument("--combine", choices=COMBINERS, default="mean",
+                   help="how the members' probabilities become one (default: their mean)")
     p.add_argument("--out", default="runs/ensemble", help="where submission.csv and ensemble.json go")
     p.add_argument("--pseudo-labels", default=None, metavar="CSV",
                    help="also write the test images the ensemble is sure of, as ImageId,Label,"
                         "Confidence, for a trainer's --pseudo-labels")
     p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
-                   help="with --pseudo-labels: keep the test images whose averaged top "
+                   help="with --pseudo-labels: keep the test images whose combined top "
                         "probability is at least P (default 0.5)")
     args = p.parse_args(argv)
     xla_flags.apply()  # before JAX creates its backend
@@ -123,25 +154,30 @@ def run(args) -> int:
             report["members"].append({"weights": str(path), "val_acc": acc})
             print(f"{path}: val acc {acc:.4f}", file=sys.stderr)
     if val_probs:
-        report["ensemble_val_acc"] = float(np.mean(np.mean(val_probs, 0).argmax(-1) == labels[val_idx]))
+        report["combiners"] = {how: float(np.mean(combine(val_probs, how).argmax(-1) == labels[val_idx]))
+                               for how in COMBINERS}
+        report["ensemble_val_acc"] = report["combiners"][args.combine]
         report["val_images"] = int(len(val_idx))
-        report["errors"] = error_overlap(val_probs, labels[val_idx], val_idx)
-        print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''}: val acc "
-              f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images", file=sys.stderr)
+        report["errors"] = error_overlap(val_probs, labels[val_idx], val_idx, args.combine)
+        print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''} ({args.combine}): val acc "
+              f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images; other rules: "
+              + ", ".join(f"{h} {a:.4f}" for h, a in report["combiners"].items() if h != args.combine),
+              file=sys.stderr)
         e = report["errors"]
         print(f"wrong in every member: {len(e['every'])}, in at least one: {len(e['any'])}; the best "
               f"member for each image would score {e['oracle_val_acc']:.4f}", file=sys.stderr)
     report["tta"] = bool(args.tta)
     report["weights"] = args.weights
-    test_mean = np.mean(test_probs, 0)
-    data.write_submission(out / "submission.csv", test_mean.argmax(-1))
+    report["combine"] = args.combine
+    test_scores = combine(test_probs, args.combine)
+    data.write_submission(out / "submission.csv", test_scores.argmax(-1))
     if args.pseudo_labels:
-        confidence = test_mean.max(-1)
+        confidence = test_scores.max(-1)
         keep = np.flatnonzero(confidence >= args.min_confidence)
-        data.write_pseudo_labels(args.pseudo_labels, keep, test_mean[keep].argmax(-1), confidence[keep])
+        data.write_pseudo_labels(args.pseudo_labels, keep, test_scores[keep].argmax(-1), confidence[keep])
         report["pseudo_labels"] = {"path": str(args.pseudo_labels), "min_confidence": args.min_confidence,
-                                   "kept": int(len(keep)), "of": int(len(test_mean))}
-        print(f"wrote {args.pseudo_labels}: {len(keep)} of {len(test_mean)} test images at "
+                                   "kept": int(len(keep)), "of": int(len(test_scores))}
+        print(f"wrote {args.pseudo_labels}: {len(keep)} of {len(test_scores)} test images at "
               f"confidence >= {args.min_confidence}", file=sys.stderr)
     (out / "ensemble.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'submission.csv'}", file=sys.stderr)
