@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvit.model import ViT
 from parity.config import ViTConfig
-from train.common import augments, schedule_steps
+from train.common import augmented_steps, augments, schedule_steps
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -192,7 +192,7 @@ def replicate(tree, mesh: Mesh | None):
 
 
 def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
-                    seed: int, mesh: Mesh | None = None):
+                    steps_per_epoch: int, seed: int, mesh: Mesh | None = None):
     """-> jitted step(state, images_u8, labels, order, index, step) -> state.
 
     With a mesh, the batch is split over its 'data' axis and everything else is replicated;
@@ -203,6 +203,7 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
     shard_batch = (lambda a: a) if mesh is None else (
         lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
     augmenting = augments(recipe)
+    aug_steps = augmented_steps(recipe, steps_per_epoch)
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
                    index: jax.Array, step: jax.Array) -> State:
@@ -210,8 +211,8 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         x = shard_batch(to_unit(images[idx]))  # (B, H, W, 1) in [0, 1], split over devices
         y = shard_batch(labels[idx])  # (B,)
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
-        if augmenting:
-            x = augment(x, aug_key, recipe)
+        if augmenting:  # the last --clean-epochs epochs keep the images as they are
+            x = jnp.where(step < aug_steps, augment(x, aug_key, recipe), x)
         x = normalize(x)
 
         def loss_fn(params):

@@ -31,7 +31,7 @@ out = {}
 for name, mesh in (("one", None), ("four", jt.data_mesh())):
     state = jt.replicate(jt.create_state(config, recipe, tx, 0), mesh)
     x, y, o = (jt.replicate(jnp.asarray(a), mesh) for a in (images, labels, order))
-    step = jt.make_train_step(ViT(config), tx, recipe, 32, 0, mesh)
+    step = jt.make_train_step(ViT(config), tx, recipe, 32, 5, 0, mesh)
     probe = jt.normalize(jt.to_unit(x[:32]))
     grads_fn = jax.jit(jax.grad(lambda p: jnp.sum(ViT(config).apply({"params": p}, probe) ** 2)))
     out[name + "_grads"] = W.flax_to_canonical(jax.device_get(grads_fn(state["params"])))

@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from jaxvit import train as jt
@@ -20,12 +21,16 @@ from torchvit import train as tt
 from torchvit.model import ViT as TorchViT
 from train.common import Recipe
 
+PLAIN = Recipe(epochs=2, batch_size=32, lr=2e-3, rotate=0, translate=0, scale=0,
+               label_smoothing=0.1, grad_clip=1.0, weight_decay=0.05, warmup_epochs=1, ema_decay=0.99)
+# augmentation asked for, but every epoch is a clean one: both trainers must skip it alike
+ALL_CLEAN = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, erase=0.5,
+                                clean_epochs=2)
 
-def test_ten_training_steps_agree_between_the_trainers():
+
+@pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN], ids=["no-augmentation", "all-clean-epochs"])
+def test_ten_training_steps_agree_between_the_trainers(recipe):
     config = preset("tiny", patch_size=4)
-    recipe = Recipe(epochs=2, batch_size=32, lr=2e-3, rotate=0, translate=0, scale=0,
-                    label_smoothing=0.1, grad_clip=1.0, weight_decay=0.05, warmup_epochs=1,
-                    ema_decay=0.99)
     steps_per_epoch = 5
     canonical = W.random_canonical(config, 0, scale=0.05)
     rng = np.random.default_rng(0)
@@ -38,7 +43,7 @@ def test_ten_training_steps_agree_between_the_trainers():
     state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
     state["opt_state"] = tx.init(state["params"])
     state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
-    flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, 0)
+    flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
 
     model = TorchViT(config)
     model.load_state_dict(W.canonical_to_torch(canonical, config))
@@ -165,3 +170,40 @@ def test_the_schedule_of_both_trainers_is_the_same():
     for step in range(0, 121, 7):
         np.testing.assert_allclose(float(tx_sched(step)), lr_at(step, recipe.lr, *schedule_steps(recipe, 40)),
                                    rtol=1e-5, atol=1e-9)
+
+
+def test_clean_epochs_train_on_the_images_as_they_are_in_both_trainers():
+    """With --clean-epochs 1 of 2, a step of the first epoch augments its batch (its training
+    loss differs from the same step's without augmentation) and a step of the last does not
+    (the same loss, to the bit)."""
+    config = preset("tiny", patch_size=4)
+    steps_per_epoch = 5
+    augmented = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, clean_epochs=1)
+    canonical = W.random_canonical(config, 0, scale=0.05)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, 200).astype(np.int32)
+    order = rng.permutation(200)[:160].astype(np.int32)
+
+    def flax_loss(recipe, step):
+        tx = jt.make_optimizer(recipe, steps_per_epoch)
+        state = jt.create_state(config, recipe, tx, 0)
+        state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
+        train_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
+        state = train_step(state, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order),
+                           np.int32(step % steps_per_epoch), np.int32(step))
+        return float(state["totals"][0])
+
+    def torch_loss(recipe, step):
+        model = TorchViT(config)
+        model.load_state_dict(W.canonical_to_torch(canonical, config))
+        trainer = tt.Trainer(model, recipe, steps_per_epoch, 0)
+        i = step % steps_per_epoch
+        trainer.train_step(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                           torch.from_numpy(order[i * 32:(i + 1) * 32].astype(np.int64)), step)
+        return float(trainer.totals[0])
+
+    for loss in (flax_loss, torch_loss):
+        last_augmented, first_clean = steps_per_epoch - 1, steps_per_epoch
+        assert loss(augmented, last_augmented) != loss(PLAIN, last_augmented), loss.__name__
+        assert loss(augmented, first_clean) == loss(PLAIN, first_clean), loss.__name__

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from parity import weights as W
 from torchvit.model import ViT
-from train.common import augments, lr_at, schedule_steps
+from train.common import augmented_steps, augments, lr_at, schedule_steps
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -170,6 +170,7 @@ class Trainer:
         self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
                     if recipe.ema_decay > 0 else None)
         self.augmenting = augments(recipe)
+        self.aug_steps = augmented_steps(recipe, steps_per_epoch)
         self.dtype = dtype
         wrapped = model
         if world > 1:
@@ -194,7 +195,7 @@ class Trainer:
         rows = slice(self.rank * b, (self.rank + 1) * b)  # this process's share of the batch
         x = to_unit(images[idx[rows]])  # (b, 1, H, W) in [0, 1]
         y = labels[idx[rows]].long()  # (b,)
-        if self.augmenting:
+        if self.augmenting and step < self.aug_steps:  # the last --clean-epochs epochs: as they are
             x = augment(x, recipe, rows, idx.shape[0])
         x = normalize(x)
         with self.autocast():

@@ -41,6 +41,7 @@ class Recipe:
     elastic: float = 0.0  # elastic distortion strength alpha, pixels (Simard et al. 2003)
     elastic_sigma: float = 4.0  # smoothness of the elastic displacement field, pixels
     erase: float = 0.0  # probability of erasing one random rectangle of an image to black
+    clean_epochs: int = 0  # the last N epochs train on the images as they are, unaugmented
     val_fraction: float = 0.1
     split_seed: int = 0
     seed: int = 0
@@ -87,6 +88,8 @@ RECIPE_HELP = {
                      "displacement field",
     "erase": "augmentation: probability of erasing one random rectangle (2-20%% of the image, "
              "aspect 0.3-3.3) to black (0: off)",
+    "clean_epochs": "train the last N epochs on the images as they are, without augmentation "
+                    "(the learning-rate schedule unchanged; 0: augment to the end)",
     "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
     "split_seed": "seed of the validation split (kept apart from --seed so that runs and "
                   "ensembles of several seeds are scored on the same held-out images)",
@@ -231,6 +234,8 @@ def check_recipe(r: Recipe) -> None:
     need(r.scale < 1, f"--scale must be < 1, got {r.scale}")
     need(r.elastic_sigma > 0, f"--elastic-sigma must be > 0, got {r.elastic_sigma}")
     need(0 <= r.erase <= 1, f"--erase must be in [0, 1], got {r.erase}")
+    need(0 <= r.clean_epochs <= r.epochs,
+         f"--clean-epochs must be in [0, --epochs ({r.epochs})], got {r.clean_epochs}")
 
 
 def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
@@ -265,6 +270,12 @@ def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
 
 
 # ---- the learning-rate schedule ------------------------------------------------------------
+def augmented_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Steps 0 .. this - 1 augment their batch (when the recipe augments at all); the steps of
+    the last --clean-epochs epochs train on the images as they are."""
+    return (recipe.epochs - recipe.clean_epochs) * steps_per_epoch
+
+
 def schedule_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:
     """(warm-up steps, total steps) of a run; warm-up at least 1 step, total past warm-up."""
     warmup = max(1, int(round(recipe.warmup_epochs * steps_per_epoch)))

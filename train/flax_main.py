@@ -144,7 +144,7 @@ def run(args) -> int:
     # The training split lives on the device(s) as uint8 (N, 28, 28); every step slices there.
     x_all = jt.replicate(jax.device_put(images[train_idx]), mesh)
     y_all = jt.replicate(jax.device_put(labels[train_idx].astype(np.int32)), mesh)
-    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, recipe.seed, mesh)
+    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, steps_per_epoch, recipe.seed, mesh)
     predict = jt.make_predict(eval_model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
 
