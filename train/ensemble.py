@@ -55,6 +55,9 @@ def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
     raise UsageError(f"{run_dir}: holds no {' or '.join(names)} (has the run finished?)")
 
 
+COMBINERS = ("mean", "log-mean", "vote", "max-confidence")
+
+
 def combine(probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
     """One (N, classes) probability table from the members' tables, by the rule `how`."""
     p = np.stack(probs).astype(np.float64)  # (members, N, classes)
@@ -72,9 +75,6 @@ def combine(probs: list[np.ndarray], how: str = "mean") -> np.ndarray:
         sure = p.max(-1).argmax(0)  # (N,): the member surest of each image
         return p[sure, np.arange(p.shape[1])]
     raise UsageError(f"--combine {how}: not one of {', '.join(COMBINERS)}")
-
-
-COMBINERS = ("mean", "log-mean", "vote", "max-confidence")
 
 
 def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndarray,
