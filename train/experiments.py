@@ -153,6 +153,13 @@ PLANS: dict[str, dict] = {
         for name, extra in (("e44-elastic17", []), ("e44-elastic17-clean4", ["--clean-epochs", "4"]),
                             ("e44-elastic17-clean10", ["--clean-epochs", "10"]))
     ], "ensembles": []},
+    # CPU, plan L: the default command of both twins (preset `cpu`), three seeds each, run in
+    # turns (Flax, PyTorch, Flax, ...) so that the machine's drift over the hour falls on both:
+    # do the twins, which take the same steps, also train to the same accuracy?
+    "cpu-l": {"runs": [
+        R(f"{fw}-cpu-s{s}", ["--seed", str(s), "--no-plots"], f"{fw}-cpu", trainer=fw)
+        for s in (0, 1, 2) for fw in ("flax", "torch")
+    ], "ensembles": []},
     # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
     # cpu-g: a gain the size of the seed noise, which a larger model trained longer may show
