@@ -8,6 +8,7 @@ numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -193,20 +194,21 @@ def replicate(tree, mesh: Mesh | None):
 
 def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
                     steps_per_epoch: int, seed: int, mesh: Mesh | None = None):
-    """-> jitted step(state, images_u8, labels, order, index, step) -> state.
+    """-> step(state, images_u8, labels, order, index, step) -> state, jitted.
 
     With a mesh, the batch is split over its 'data' axis and everything else is replicated;
     XLA's SPMD partitioner then averages the gradients across devices (an all-reduce), so
-    the step computes the same function as on one device.
+    the step computes the same function as on one device. The seed's key goes into the
+    compiled program as an argument, not a constant, so one program (and one entry of JAX's
+    persistent compilation cache) serves every seed.
     """
-    base_key = jax.random.PRNGKey(seed)
     shard_batch = (lambda a: a) if mesh is None else (
         lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
     augmenting = augments(recipe)
     aug_steps = augmented_steps(recipe, steps_per_epoch)
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
-                   index: jax.Array, step: jax.Array) -> State:
+                   index: jax.Array, step: jax.Array, base_key: jax.Array) -> State:
         idx = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)  # (B,)
         x = shard_batch(to_unit(images[idx]))  # (B, H, W, 1) in [0, 1], split over devices
         y = shard_batch(labels[idx])  # (B,)
@@ -233,9 +235,11 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         return new
 
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, donate_argnums=0,
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+        jitted = jax.jit(train_step, donate_argnums=0)
+    else:
+        jitted = jax.jit(train_step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    base_key = replicate(jax.random.PRNGKey(seed), mesh)
+    return functools.partial(jitted, base_key=base_key)
 
 
 def make_predict(model: ViT, tta: bool):

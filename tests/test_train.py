@@ -216,9 +216,11 @@ def test_a_bad_csv_through_the_trainer_fails_with_one_line_and_no_outputs(tmp_pa
 def test_a_second_flax_launch_reuses_the_compiled_step_and_trains_the_same(comp, tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("JAX_LOG_COMPILES", "1")  # JAX then logs each persistent-cache hit
+    fast_rotating = [*FAST, "--rotate", "10"]  # the step then draws random numbers from its key
     runs = []
     for name in ("cold", "warm"):
-        proc = trainer("flax", "--data", str(comp), "--out", str(tmp_path / name), "--epochs", "1", *FAST)
+        proc = trainer("flax", "--data", str(comp), "--out", str(tmp_path / name), "--epochs", "1",
+                       *fast_rotating)
         runs.append((proc.stderr, _metrics(tmp_path / name)))
     (cold_log, cold), (warm_log, warm) = runs
     hit = "Persistent compilation cache hit for 'jit_train_step'"
@@ -227,10 +229,16 @@ def test_a_second_flax_launch_reuses_the_compiled_step_and_trains_the_same(comp,
     assert list((tmp_path / "cache" / "data").glob("digits-*.npz"))
     assert [r["train_loss"] for r in warm] == [r["train_loss"] for r in cold]
     assert [r["val_acc"] for r in warm] == [r["val_acc"] for r in cold]
-    # With the cache off nothing is read or written (another seed: programs the cache lacks).
+    # Another seed is the same program (the key is an argument of the step): a hit too, and
+    # another run.
+    other = trainer("flax", "--data", str(comp), "--out", str(tmp_path / "seed1"), "--epochs", "1",
+                    *fast_rotating, "--seed", "1")
+    assert hit in other.stderr
+    assert [r["train_loss"] for r in _metrics(tmp_path / "seed1")] != [r["train_loss"] for r in cold]
+    # With the cache off nothing is read (though it holds this program) or written.
     before = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
     monkeypatch.setenv("VIT_CACHE_DIR", "off")
     off = trainer("flax", "--data", str(comp), "--out", str(tmp_path / "off"), "--epochs", "1",
-                  *FAST, "--seed", "1")
+                  *fast_rotating, "--seed", "2")
     assert "Persistent compilation cache" not in off.stderr
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == before
