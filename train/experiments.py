@@ -170,10 +170,10 @@ PLANS: dict[str, dict] = {
     # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
     # cpu-g: a gain the size of the seed noise, which a larger model trained longer may show
-    # better); 3 seeds, then the TTA ensemble.
+    # better); 3 seeds, each scored with TTA too, then the TTA ensemble.
     "gpu-g": {"runs": [
-        R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--no-plots"],
-          "kaggle-elastic17") for s in (0, 1, 2)
+        R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--tta",
+                                     "--no-plots"], "kaggle-elastic17") for s in (0, 1, 2)
     ], "ensembles": [("ens3-tta-final", [f"kaggle-elastic17-s{s}" for s in (0, 1, 2)], True, "final")]},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.

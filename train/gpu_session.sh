@@ -7,6 +7,10 @@
 #           cuDNN attention, then plan gpu-f: seed 0 alone, seeds 1 and 2 at once (cut at a
 #           deadline so that the ensembles still run); everything packed into $OUT/part-f.tar.gz
 #   PART=g: plan gpu-g (the kaggle recipe with half-strength elastic distortion, 3 seeds, TTA ensemble)
+#   PART=h: plans gpu-g (3 runs at once) and gpu-d's four bf16 runs (2 at once) side by side on the one GPU, cut
+#           at a deadline; then one launch of gpu-g's recipe alone with the compilation cache
+#           those runs filled (killed after 40 s: its first epochs time a warm start-up);
+#           everything packed into $OUT/part-h.tar.gz
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
@@ -61,6 +65,30 @@ if [ "$PART" = f ]; then
   cp "$R/exp/results.json" "$R/results-pair.json" 2>/dev/null
   mv "$R/profile/flax.trace.json.gz" "$OUT/" 2>/dev/null  # apart: it may be large
   tar czf "$OUT/part-f.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission.csv' .
+  stamp "packed"
+  exit 0
+fi
+if [ "$PART" = h ]; then
+  DEADLINE=${DEADLINE:-400}  # seconds: runs still going then are killed, the ensemble follows
+  if [ "${SMOKE:-0}" = 1 ]; then HX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"; else HX=""; fi
+  R="$WORK/h"; mkdir -p "$R"
+  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-h.txt"; }
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false  # five processes share the GPU's memory
+  python train/experiments.py --plan gpu-g --data "$DATA" --out "$R/g" --extra="$HX" --jobs 3 \
+    --deadline "$DEADLINE" > "$R/g.log" 2>&1 &
+  G=$!
+  python train/experiments.py --plan gpu-d --data "$DATA" --out "$R/d" --extra="$HX --no-plots" --jobs 2 \
+    --only flax-base-s1,flax-base-s2,torch-base-s1,torch-base-s2 \
+    --deadline "$DEADLINE" > "$R/d.log" 2>&1 &
+  D=$!
+  wait $D; stamp "gpu-d rc $?"
+  wait $G; stamp "gpu-g rc $?"
+  cp "$R/g/results.json" "$OUT/results-g.json"; cp "$R/d/results.json" "$OUT/results-d.json"
+  nvidia-smi > "$R/nvidia-smi-after.txt" 2>&1
+  timeout 40 python train/flax_main.py --preset kaggle --elastic 17 --no-plots --data "$DATA" \
+    --out "$R/warm-launch" $HX > "$R/warm-launch.log" 2>&1; stamp "warm launch rc $? (124: cut at 40 s, as meant)"
+  tar czf "$OUT/part-h.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' \
+    --exclude='pseudo*.csv' .
   stamp "packed"
   exit 0
 fi
