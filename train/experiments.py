@@ -86,6 +86,9 @@ PLANS: dict[str, dict] = {
         R("torch-base-s1", ["--preset", "base", "--seed", "1"], "torch-base", trainer="torch"),
         R("torch-base-s2", ["--preset", "base", "--seed", "2"], "torch-base", trainer="torch"),
         R("flax-base-fp32", ["--preset", "base", "--dtype", "float32"]),
+        # then both twins in float32, seeds 1 and 2, beside the bf16 runs of those seeds
+        *[R(f"{fw}-base-fp32-s{s}", ["--preset", "base", "--dtype", "float32", "--seed", str(s)],
+            f"{fw}-base-fp32", trainer=fw) for s in (1, 2) for fw in ("flax", "torch")],
     ], "ensembles": []},
     # CPU, part G: elastic distortion and random erasing on top of the `cpu` preset with twice
     # its epochs and the stronger affine augmentation (README ablation: 99.36%, 99.12% there),
