@@ -77,7 +77,8 @@ PLANS: dict[str, dict] = {
           for s in (0, 1, 2)],
     ], "ensembles": [("kaggle-ens3", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], False),
                      ("kaggle-ens3-tta", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], True)]},
-    # GPU, part D (prepared, not yet run): is the PyTorch twin's lead on `base` in bf16
+    # GPU, part D (run 2026-11-28 through PART=h, docs/results/gpu-h.json): is the PyTorch
+    # twin's lead on `base` in bf16
     # (99.31% against 98.69-98.86%, one seed each) real? Two more seeds of each twin, and
     # Flax in float32.
     "gpu-d": {"runs": [
@@ -170,7 +171,8 @@ PLANS: dict[str, dict] = {
         R(f"flax-cpu-clean2-s{s}", ["--clean-epochs", "2", "--seed", str(s), "--no-plots"], "flax-cpu-clean2")
         for s in (0, 1, 2)
     ], "ensembles": []},
-    # GPU, part G (not run yet): the `kaggle` recipe with half-strength elastic distortion, which
+    # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
+    # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
     # cpu-g: a gain the size of the seed noise, which a larger model trained longer may show
     # better); 3 seeds, each scored with TTA too, then the TTA ensemble.
