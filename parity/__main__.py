@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         total += 1
         failures += not row.ok
         note = f" ({row.note})" if row.note and not row.ok else ""
-        print(f"| {row.stage} | {row.config} | {row.diff:.3g} | {row.tol:.0e} | "
+        print(f"| {row.stage} | {row.config} | {row.diff:.3g} | {row.tol:.2g} | "
               f"{'pass' if row.ok else 'FAIL'}{note} |", flush=True)
     print(f"\n{total - failures} passed, {failures} failed "
           f"in {time.perf_counter() - start:.1f} s")

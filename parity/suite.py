@@ -231,6 +231,69 @@ def check_model(config: ViTConfig, name: str, batch: int) -> list[Row]:
     return rows
 
 
+# bf16: each twin's own mixed precision (Flax: the model's dtype=bfloat16; PyTorch: autocast),
+# on the CPU, against the other twin and against float32. The differences are bf16 rounding
+# (8 bits of mantissa: ~0.4% per rounding), so the tolerances are relative and loose; what they
+# catch is a twin that rounds where the other does not, e.g. a bias gradient summed in bf16
+# (up to 3% off float32 at this batch before jaxvit's Dense summed it in float32; 1% or less now).
+BF16_BATCH = 256
+TOL_BF16_LOGITS = 0.03  # max abs diff / the float32 logits' largest magnitude
+TOL_BF16_GRAD = 0.015  # worst tensor, max abs diff / its float32 gradient's largest magnitude
+
+
+def _grad_rel(grads: dict, ref: dict) -> tuple[float, str]:
+    """The worst tensor's max abs diff relative to the reference gradient's largest magnitude."""
+    rel = {n: _max_abs(grads[n], ref[n]) / max(float(np.max(np.abs(ref[n]))), 1e-12) for n in ref}
+    worst = max(rel, key=rel.get)
+    return rel[worst], worst
+
+
+def check_bf16(config: ViTConfig, name: str, batch: int = BF16_BATCH) -> list[Row]:
+    """Logits and gradients of both twins in bf16 against each other and against float32."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    import torch.nn.functional as F
+
+    from jaxvit.model import ViT as FlaxViT
+    from torchvit.model import ViT as TorchViT
+
+    canonical = W.random_canonical(config, 0)
+    x, y = _images(config, batch), _labels(config, batch)
+    params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
+
+    def flax(dtype) -> tuple[np.ndarray, dict]:
+        model = FlaxViT(config, dtype=dtype)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, jnp.asarray(x))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean(), logits
+
+        grads, logits = jax.jit(jax.grad(loss_fn, has_aux=True))(params)
+        return np.asarray(logits), W.flax_to_canonical(grads)
+
+    def torch_(bf16: bool) -> tuple[np.ndarray, dict]:
+        model = TorchViT(config).eval()
+        model.load_state_dict(W.canonical_to_torch(canonical, config))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(torch.from_numpy(x).permute(0, 3, 1, 2))
+            F.cross_entropy(logits, torch.from_numpy(y)).backward()
+        return logits.detach().float().numpy(), W.torch_to_canonical(
+            {n: p.grad for n, p in model.named_parameters()})
+
+    (_, jg32), (j16, jg16) = flax(jnp.float32), flax(jnp.bfloat16)
+    (t32, tg32), (t16, tg16) = torch_(False), torch_(True)
+    tag, scale = f"{name} b{batch}", max(float(np.max(np.abs(t32))), 1e-12)
+    rows = [Row("bf16 logits, Flax vs PyTorch (relative)", tag, _max_abs(j16, t16) / scale, TOL_BF16_LOGITS)]
+    for stage, grads, ref in (("bf16 grads, Flax vs PyTorch", jg16, tg16),
+                              ("bf16 grads, Flax vs its float32", jg16, jg32),
+                              ("bf16 grads, PyTorch vs its float32", tg16, tg32)):
+        rel, worst = _grad_rel(grads, ref)
+        rows.append(Row(f"{stage} (worst tensor, relative)", tag, rel, TOL_BF16_GRAD, worst))
+    return rows
+
+
 def check_round_trips(config: ViTConfig, name: str) -> list[Row]:
     """canonical -> flax -> canonical and canonical -> torch -> canonical, bitwise."""
     canonical = W.random_canonical(config, 3)
@@ -250,3 +313,4 @@ def all_rows(names: Iterable[str] | None = None) -> Iterator[Row]:
         for batch in BATCHES:
             yield from check_patchify(config, name, batch)
             yield from check_model(config, name, batch)
+        yield from check_bf16(config, name)
