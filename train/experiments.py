@@ -82,6 +82,7 @@ PLANS: dict[str, dict] = {
     # (99.31% against 98.69-98.86%, one seed each) real? Two more seeds of each twin, and
     # Flax in float32.
     "gpu-d": {"runs": [
+        R("flax-base-s0", ["--preset", "base", "--seed", "0"], "flax-base"),  # for PART=i
         R("flax-base-s1", ["--preset", "base", "--seed", "1"], "flax-base"),
         R("flax-base-s2", ["--preset", "base", "--seed", "2"], "flax-base"),
         R("torch-base-s1", ["--preset", "base", "--seed", "1"], "torch-base", trainer="torch"),

@@ -11,6 +11,9 @@
 #           at a deadline; then one launch of gpu-g's recipe alone with the compilation cache
 #           those runs filled (killed after 40 s: its first epochs time a warm start-up);
 #           everything packed into $OUT/part-h.tar.gz
+#   PART=i: after jaxvit's Dense began summing bias gradients in float32 in bf16 (not yet run):
+#           the bf16 step's speed (Flax beside torch.compile), then the Flax `base` runs of plan
+#           gpu-d in bf16, seeds 0-2, 2 at a time: does the Flax twin now reach PyTorch's 99.26%?
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
@@ -90,6 +93,17 @@ if [ "$PART" = h ]; then
   tar czf "$OUT/part-h.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' \
     --exclude='pseudo*.csv' .
   stamp "packed"
+  exit 0
+fi
+if [ "$PART" = i ]; then
+  if [ "${SMOKE:-0}" = 1 ]; then IB=(--preset tiny --batch-size 32 --steps 3); IX="--preset tiny --epochs 1 --limit-train 1000 --limit-test 100"
+  else IB=(--preset base --batch-size 1024 --steps 20); IX=""; fi
+  python train/bench.py "${IB[@]}" --modes flax-bf16,torch-compile-bf16 --patchify-batches "" --out "$OUT/bench" \
+    > "$OUT/bench-i.log" 2>&1; echo "bench rc $? after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-d --data "$DATA" --out "$WORK/i" \
+    --extra="$IX --no-plots" --jobs 2 --only flax-base-s0,flax-base-s1,flax-base-s2 > "$OUT/experiments-i.log" 2>&1
+  cp "$WORK/i/results.json" "$OUT/results-i.json"
+  echo "all done after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
   exit 0
 fi
 if [ "$PART" = d ]; then
