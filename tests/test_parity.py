@@ -53,7 +53,7 @@ def test_parity_report_exits_zero_and_prints_table():
     import sys
 
     # The tests above check the whole matrix in-process; run the real command end to end on
-    # two of its configs (all of them take about 40 s here), and on a name it does not have.
+    # two of its configs (all of them take about 60 s here), and on a name it does not have.
     names = ["p4-cls-learned-28x28-w48", "p2-gap-sincos2d-12x16-w36"]
     proc = subprocess.run([sys.executable, "-m", "parity", "--config", ",".join(names)],
                           capture_output=True, text=True, timeout=600)
