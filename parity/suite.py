@@ -199,6 +199,13 @@ class Twins:
 ADAMW = dict(lr=1e-3, wd=0.05, eps=1e-8)
 
 
+def _grad_rel(grads: dict, ref: dict) -> tuple[float, str]:
+    """The worst tensor's max abs diff relative to the reference gradient's largest magnitude."""
+    rel = {n: _max_abs(grads[n], ref[n]) / max(float(np.max(np.abs(ref[n]))), 1e-12) for n in ref}
+    worst = max(rel, key=rel.get)
+    return rel[worst], worst
+
+
 def check_model(config: ViTConfig, name: str, batch: int) -> list[Row]:
     """Every intermediate, the logits, the gradients and one AdamW step."""
     twins = Twins(config)
@@ -217,12 +224,7 @@ def check_model(config: ViTConfig, name: str, batch: int) -> list[Row]:
     mismatched = int(np.sum(j_out["logits"].argmax(-1) != t_out["logits"].argmax(-1)))
     rows.append(Row("logits argmax mismatches", tag, float(mismatched), 0.0))
 
-    worst, worst_name = 0.0, ""
-    for n in W.canonical_shapes(config):
-        scale = max(float(np.max(np.abs(t_grads[n]))), 1e-12)
-        rel = _max_abs(j_grads[n], t_grads[n]) / scale
-        if rel > worst:
-            worst, worst_name = rel, n
+    worst, worst_name = _grad_rel(j_grads, t_grads)
     rows.append(Row("grads (worst tensor, relative)", tag, worst, TOL_GRAD, worst_name))
 
     diff = max(_max_abs(j_new[n], t_new[n]) for n in W.canonical_shapes(config))
@@ -239,13 +241,6 @@ def check_model(config: ViTConfig, name: str, batch: int) -> list[Row]:
 BF16_BATCH = 256
 TOL_BF16_LOGITS = 0.03  # max abs diff / the float32 logits' largest magnitude
 TOL_BF16_GRAD = 0.015  # worst tensor, max abs diff / its float32 gradient's largest magnitude
-
-
-def _grad_rel(grads: dict, ref: dict) -> tuple[float, str]:
-    """The worst tensor's max abs diff relative to the reference gradient's largest magnitude."""
-    rel = {n: _max_abs(grads[n], ref[n]) / max(float(np.max(np.abs(ref[n]))), 1e-12) for n in ref}
-    worst = max(rel, key=rel.get)
-    return rel[worst], worst
 
 
 def check_bf16(config: ViTConfig, name: str, batch: int = BF16_BATCH) -> list[Row]:

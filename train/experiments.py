@@ -78,9 +78,8 @@ PLANS: dict[str, dict] = {
     ], "ensembles": [("kaggle-ens3", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], False),
                      ("kaggle-ens3-tta", ["kaggle-s0", "kaggle-s1", "kaggle-s2"], True)]},
     # GPU, part D (run 2026-11-28 through PART=h, docs/results/gpu-h.json): is the PyTorch
-    # twin's lead on `base` in bf16
-    # (99.31% against 98.69-98.86%, one seed each) real? Two more seeds of each twin, and
-    # Flax in float32.
+    # twin's lead on `base` in bf16 (99.31% against 98.69-98.86%, one seed each) real? Two more
+    # seeds of each twin, and Flax in float32.
     "gpu-d": {"runs": [
         R("flax-base-s0", ["--preset", "base", "--seed", "0"], "flax-base"),  # for PART=i
         R("flax-base-s1", ["--preset", "base", "--seed", "1"], "flax-base"),
