@@ -238,7 +238,8 @@ class ViT(nn.Module):
         self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype, attention=self.attention)
                        for r in rates]
         self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
-        self.head = Dense(c.num_classes, kernel_init=nn.initializers.zeros)
+        # Every linear layer computes in the compute dtype, the head included, as under autocast.
+        self.head = Dense(c.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros)
 
     def posemb_table(self) -> Array:
         """E_pos, (1, T, D)."""
