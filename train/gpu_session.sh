@@ -11,7 +11,8 @@
 #           at a deadline; then one launch of gpu-g's recipe alone with the compilation cache
 #           those runs filled (killed after 40 s: its first epochs time a warm start-up);
 #           everything packed into $OUT/part-h.tar.gz
-#   PART=i: after jaxvit's Dense began summing bias gradients in float32 in bf16 (not yet run):
+#   PART=i: after jaxvit's Dense began summing bias gradients in float32 in bf16 and its head
+#           began computing in bf16 as under autocast (not yet run):
 #           the bf16 step's speed (Flax beside torch.compile), then the Flax `base` runs of plan
 #           gpu-d in bf16, seeds 0-2, 2 at a time: does the Flax twin now reach PyTorch's 99.26%?
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
