@@ -172,6 +172,7 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--widht", "3"], "unrecognized arguments: --widht 3"),
     (["--batch-size", "lots"], "invalid int value: 'lots'"),
+    (["--limit-test", "-1"], "--limit-test: expected a whole number >= 1, got '-1'"),
 ])
 def test_bad_options_fail_with_one_line_and_no_outputs(args, words, tmp_path, comp):
     extra = [] if "--data" in args else ["--data", str(comp)]

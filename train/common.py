@@ -138,9 +138,9 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="no training: evaluate --checkpoint on the validation split and write "
                         "the submission")
     p.add_argument("--checkpoint", default=None, help="canonical .safetensors for --eval-only")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+    p.add_argument("--limit-train", type=_count, default=None, metavar="N",
                    help="use only the first N rows of train.csv (smoke tests)")
-    p.add_argument("--limit-test", type=int, default=None, metavar="N",
+    p.add_argument("--limit-test", type=_count, default=None, metavar="N",
                    help="predict only the first N rows of test.csv (smoke tests)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", dest="no_plots", action="store_true",
