@@ -43,6 +43,19 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--patchify-batches", "64,x"], "expected comma-separated whole numbers >= 1, got '64,x'"),
+    (["--warmup", "-1"], "--warmup >= 0"),
+    (["--modes", "flax-fp64"], "unknown mode(s) ['flax-fp64']"),
+])
+def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), *args,
+                           "--out", str(tmp_path / "bench")], capture_output=True, text=True,
+                          env=env(), timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bench").exists()
+
+
 def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     comp = write_competition(tmp_path / "comp", 700, 30, as_zip=True)
     common = ["--data", str(comp), "--epochs", "1", "--limit-train", "600", "--batch-size", "64",

@@ -291,7 +291,7 @@ def worker(args) -> list[dict]:
                       args.worker.startswith("flax") else "torch")
     if args.worker.startswith("patchify-"):
         rows = bench_patchify(args.worker.split("-", 1)[1],
-                              [int(b) for b in args.patchify_batches.split(",") if b],
+                              args.patchify_batches,
                               config.patch_size, max(args.steps, 5))
         return [{**r, **env} for r in rows]
     mode = args.worker
@@ -321,6 +321,17 @@ def worker(args) -> list[dict]:
     return rows
 
 
+def batch_list(text: str) -> list[int]:
+    """--patchify-batches: comma-separated batch sizes, each >= 1 ('' for none)."""
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = [0]
+    if any(b < 1 for b in batches):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return batches
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -329,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--patchify-batches", default="64,1024,8192")
+    p.add_argument("--patchify-batches", type=batch_list, default="64,1024,8192",
+                   help="batch sizes of the patchify timings ('' for none)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
                    help="cpu forces both frameworks onto the CPU")
     p.add_argument("--cpu-devices", type=int, default=1,
@@ -344,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown or args.batch_size < 1 or args.steps < 1 or args.cpu_devices < 1 or \
-            args.batch_size % args.cpu_devices:
+            args.warmup < 0 or args.batch_size % args.cpu_devices:
         print(f"error: unknown mode(s) {unknown}; choose from {MODES}" if unknown
-              else "error: --batch-size, --steps and --cpu-devices must be >= 1, and the batch "
-                   "must split evenly over the CPU devices", file=sys.stderr)
+              else "error: --batch-size, --steps and --cpu-devices must be >= 1, --warmup >= 0, "
+                   "and the batch must split evenly over the CPU devices", file=sys.stderr)
         return 2
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
