@@ -171,6 +171,14 @@ PLANS: dict[str, dict] = {
         R(f"flax-cpu-clean2-s{s}", ["--clean-epochs", "2", "--seed", str(s), "--no-plots"], "flax-cpu-clean2")
         for s in (0, 1, 2)
     ], "ensembles": []},
+    # CPU, plan N: the best CPU recipe (patch 4, 40 epochs, half-strength elastic) with its last
+    # 4 epochs without augmentation, the change cpu-k found +3-4 images for on patch 7 (4 of 44).
+    # Seed 0 pairs with cpu-g's run of the recipe (99.38% final, 99.55% TTA on its best weights);
+    # then its TTA on the final weights. Seeds 1 and 2 pair with cpu-h's.
+    "cpu-n": {"runs": [G("p4-e40-elastic17-clean4", [*P4_ELASTIC17, "--clean-epochs", "4"], s)
+                       for s in (0, 1, 2)],
+              "ensembles": [(f"s{s}-tta-final", [f"p4-e40-elastic17-clean4-s{s}"], True, "final")
+                            for s in (0, 1, 2)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
