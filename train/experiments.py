@@ -172,13 +172,18 @@ PLANS: dict[str, dict] = {
         for s in (0, 1, 2)
     ], "ensembles": []},
     # CPU, plan N: the best CPU recipe (patch 4, 40 epochs, half-strength elastic) with its last
-    # 4 epochs without augmentation, the change cpu-k found +3-4 images for on patch 7 (4 of 44).
-    # Seed 0 pairs with cpu-g's run of the recipe (99.38% final, 99.55% TTA on its best weights);
-    # then its TTA on the final weights. Seeds 1 and 2 pair with cpu-h's.
-    "cpu-n": {"runs": [G("p4-e40-elastic17-clean4", [*P4_ELASTIC17, "--clean-epochs", "4"], s)
-                       for s in (0, 1, 2)],
-              "ensembles": [(f"s{s}-tta-final", [f"p4-e40-elastic17-clean4-s{s}"], True, "final")
-                            for s in (0, 1, 2)]},
+    # 4 epochs without augmentation, the change cpu-k found +3-4 images for on patch 7 (4 of 44),
+    # against the recipe alone on the same seeds, each scored with TTA on its final weights too.
+    # A clean-4 run takes the recipe's steps to the bit up to epoch 36, so on 2026-12-02 each
+    # recipe run was not run from scratch but forked from its clean-4 twin after epoch 36 (a copy
+    # of the run directory, recipe.clean_epochs set to 0 in its config.json, then --resume):
+    # the same steps as a whole run, in 4 epochs instead of 40. Run whole, the plan takes about
+    # 4 h here.
+    "cpu-n": {"runs": [G(name, [*P4_ELASTIC17, *extra], s) for s in (0, 1, 2)
+                       for name, extra in (("p4-e40-elastic17-clean4", ["--clean-epochs", "4"]),
+                                           ("p4-e40-elastic17", []))],
+              "ensembles": [(f"s{s}-{name}-tta-final", [f"p4-e40-elastic17{arm}-s{s}"], True, "final")
+                            for s in (0, 1, 2) for name, arm in (("clean4", "-clean4"), ("recipe", ""))]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
