@@ -178,7 +178,7 @@ PLANS: dict[str, dict] = {
     # recipe run was not run from scratch but forked from its clean-4 twin after epoch 36 (a copy
     # of the run directory, recipe.clean_epochs set to 0 in its config.json, then --resume):
     # the same steps as a whole run, in 4 epochs instead of 40. Run whole, the plan takes about
-    # 4 h here.
+    # 3.5 h here. Result: no gain on patch 4 (docs/results.md, plan cpu-n).
     "cpu-n": {"runs": [G(name, [*P4_ELASTIC17, *extra], s) for s in (0, 1, 2)
                        for name, extra in (("p4-e40-elastic17-clean4", ["--clean-epochs", "4"]),
                                            ("p4-e40-elastic17", []))],
