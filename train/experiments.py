@@ -189,8 +189,8 @@ PLANS: dict[str, dict] = {
     # (the schedule's tail), and these models end below 99% training accuracy under
     # augmentation: is the patch-4 model short of steps? Seeds 0 and 1 (about 70 min each
     # here), each scored with TTA on its final weights; their pairs are plan cpu-n's recipe runs.
-    # Result (seed 0 only, 2026-12-02): 99.40% final, 99.52% with TTA against 99.55% and 99.57%
-    # for 40 epochs: no gain (docs/results.md, plan cpu-o).
+    # Result (2026-12-02): 99.35% +- 0.08 final, 99.55% +- 0.03 with TTA against 99.42% +- 0.19
+    # and 99.55% +- 0.03 for 40 epochs on the same seeds: no gain (docs/results.md, plan cpu-o).
     "cpu-o": {"runs": [G("p4-e80-elastic17", ["--patch-size", "4", "--epochs", "80", *STRONG_AUG,
                                               "--elastic", "17"], s) for s in (0, 1)],
               "ensembles": [(f"s{s}-tta-final", [f"p4-e80-elastic17-s{s}"], True, "final") for s in (0, 1)]},
