@@ -186,7 +186,7 @@ PLANS: dict[str, dict] = {
                             for s in (0, 1, 2) for name, arm in (("clean4", "-clean4"), ("recipe", ""))]},
     # CPU, plan O: the best CPU recipe trained twice as long (80 epochs, the cosine schedule
     # stretched to match). Its validation accuracy still rises over the last epochs of 40
-    # (the schedule's tail), and these models end below 99% training accuracy under
+    # (the schedule's tail), and its runs end at 99.2-99.3% training accuracy under
     # augmentation: is the patch-4 model short of steps? Seeds 0 and 1 (about 70 min each
     # here), each scored with TTA on its final weights; their pairs are plan cpu-n's recipe runs.
     # Result (2026-12-02): 99.35% +- 0.08 final, 99.55% +- 0.03 with TTA against 99.42% +- 0.19
