@@ -54,6 +54,18 @@ def patchify_naive(images: Array, patch_size: int) -> Array:
     return jnp.stack(patches, axis=1)  # (B, N, p*p*C)
 
 
+def shifted_copies(images: Array, patch_size: int) -> Array:
+    """Shifted Patch Tokenization's input (Lee et al. 2021): (B, H, W, C) -> (B, H, W, 5C), the
+    image and its copies moved half a patch along each diagonal, zero-filled, on channels."""
+    _, h, w, _ = images.shape
+    s = patch_size // 2
+    padded = jnp.pad(images, ((0, 0), (s, s), (s, s), (0, 0)))  # (B, H+2s, W+2s, C)
+    # copy[y, x] = image[y - dy, x - dx]: moved up-left, up-right, down-left, down-right
+    copies = [padded[:, s - dy:s - dy + h, s - dx:s - dx + w]
+              for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
+    return jnp.concatenate([images, *copies], axis=-1)  # (B, H, W, 5C)
+
+
 # ---- position encodings ------------------------------------------------------------
 def sincos1d(num_tokens: int, width: int) -> Array:
     """The Transformer's table over the token index: [sin(t w_i), cos(t w_i)] interleaved."""
@@ -134,6 +146,9 @@ class Attention(nn.Module):
         c = self.config
         dense = dict(dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
         self.qkv = Dense(3 * c.width, use_bias=c.qkv_bias, **dense)
+        if c.lsa:  # learned per head, from the usual 1/sqrt(hd)
+            self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.head_dim ** -0.5),
+                                          (c.num_heads,))
         self.proj = Dense(c.width, **dense)
         self.attn_drop = nn.Dropout(c.attn_dropout)
         self.proj_drop = nn.Dropout(c.dropout)
@@ -143,15 +158,21 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
+        scale, mask = c.head_dim ** -0.5, None
+        if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
+            q = q * self.logit_scale.astype(q.dtype)[:, None]  # (B, T, H, hd)
+            scale, mask = 1.0, ~jnp.eye(t, dtype=bool)[None, None]  # (1, 1, T, T)
         weights = None
         if capture or (train and c.attn_dropout > 0):
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * c.head_dim ** -0.5  # (B, H, T, T)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, T, T)
+            if mask is not None:
+                logits = jnp.where(mask, logits, -jnp.inf)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # (B, H, T, T)
             dropped = self.attn_drop(weights, deterministic=not train).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)  # (B, T, H, hd)
         else:
             out = jax.nn.dot_product_attention(  # (B, T, H, hd), fp32 softmax inside
-                q, k, v, implementation=self.implementation)
+                q, k, v, mask=mask, scale=scale, implementation=self.implementation)
         out = self.proj(out.reshape(b, t, d))  # (B, T, D)
         return self.proj_drop(out, deterministic=not train), weights
 
@@ -226,6 +247,8 @@ class ViT(nn.Module):
 
     def setup(self) -> None:
         c = self.config
+        if c.spt:  # LayerNorm over each token's 5 stacked patches, before the projection
+            self.patch_norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         self.patch_embed = Dense(c.width, dtype=self.dtype,
                                  kernel_init=nn.initializers.xavier_uniform())
         if c.pool == "cls":
@@ -250,7 +273,10 @@ class ViT(nn.Module):
     def embed(self, images: Array, out: dict[str, Array], *, train: bool) -> Array:
         """Eq. 1: (B, H, W, C) -> z0 (B, T, D)."""
         c = self.config
-        patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+        if c.spt:  # (B, N, p*p*5C), each token normalized
+            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
+        else:
+            patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
         # The residual stream stays float32 whatever the compute dtype (as under torch autocast):
         # a bf16 stream loses the small block updates and trains measurably worse.
         x = self.patch_embed(patches).astype(jnp.float32)  # (B, N, D)

@@ -46,6 +46,9 @@ class ViTConfig:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     gelu_exact: bool = True  # erf GELU; False uses the tanh approximation
+    # Lee et al. 2021, "Vision Transformer for Small-Size Datasets": both off in every preset.
+    lsa: bool = False  # Locality Self-Attention: a learned logit scale per head, no token attends to itself
+    spt: bool = False  # Shifted Patch Tokenization: the image and 4 half-patch diagonal shifts, LN, then E
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +73,12 @@ class ViTConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch, in (p1 p2 c) order."""
         return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def stem_dim(self) -> int:
+        """Length of the patch projection's input: one patch, or with `spt` the patch of the
+        image stacked on channels with its 4 shifted copies, in (p1 p2 c) order."""
+        return self.patch_dim * (5 if self.spt else 1)
 
     @property
     def mlp_dim(self) -> int:
@@ -108,6 +117,11 @@ class ViTConfig:
             value = getattr(self, name)
             need(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
         need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
+        if self.spt:
+            need(self.patch_size >= 2, f"spt shifts by half a patch: it needs patch_size >= 2, "
+                                       f"got {self.patch_size}")
+        if self.lsa:
+            need(self.num_tokens >= 2, "lsa bars each token from itself: it needs 2+ tokens")
 
     # ---- (de)serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

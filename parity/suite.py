@@ -16,7 +16,7 @@ from parity import weights as W
 from parity.config import ViTConfig, preset
 
 # The config matrix: patch 2, 4 and 7; cls and gap; all three position encodings; widths
-# that are not multiples of 64; square and non-square images.
+# that are not multiples of 64; square and non-square images; LSA and SPT.
 CONFIGS: dict[str, ViTConfig] = {
     "p4-cls-learned-28x28-w48": preset("tiny", patch_size=4, width=48, num_heads=3),
     "p2-gap-sincos2d-12x16-w36": preset("tiny", patch_size=2, width=36, num_heads=3,
@@ -33,6 +33,10 @@ CONFIGS: dict[str, ViTConfig] = {
     "p2-cls-sincos2d-14x14-w44": preset("tiny", patch_size=2, width=44, num_heads=4,
                                         image_height=14, image_width=14, posemb="sincos2d",
                                         depth=3),
+    # Lee et al. 2021's two changes for small data: Locality Self-Attention, shifted patches
+    "p4-cls-lsa-spt-20x28c3-w48": preset("tiny", patch_size=4, width=48, num_heads=3,
+                                         image_height=20, image_width=28, channels=3,
+                                         lsa=True, spt=True),
 }
 BATCHES = (1, 17)
 

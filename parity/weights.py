@@ -34,10 +34,10 @@ def canonical_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor name with its shape, in model order."""
     c = config
     d, m = c.width, c.mlp_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "patch_embed.kernel": (c.patch_dim, d),
-        "patch_embed.bias": (d,),
-    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    if c.spt:
+        shapes.update({"patch_norm.scale": (c.stem_dim,), "patch_norm.bias": (c.stem_dim,)})
+    shapes.update({"patch_embed.kernel": (c.stem_dim, d), "patch_embed.bias": (d,)})
     if c.pool == "cls":
         shapes["cls_token"] = (1, 1, d)
     if c.posemb == "learned":
@@ -50,6 +50,8 @@ def canonical_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
         })
         if c.qkv_bias:
             shapes[b + "attn.qkv.bias"] = (3 * d,)
+        if c.lsa:
+            shapes[b + "attn.logit_scale"] = (c.num_heads,)
         shapes.update({
             b + "attn.proj.kernel": (d, d), b + "attn.proj.bias": (d,),
             b + "norm2.scale": (d,), b + "norm2.bias": (d,),

@@ -18,6 +18,8 @@ CONFIGS = {
     "p2-cls-sincos1d-dropouts": preset("tiny", patch_size=2, image_height=8, image_width=8,
                                        posemb="sincos1d", dropout=0.1, attn_dropout=0.1,
                                        drop_path=0.2),
+    "p4-cls-lsa-spt-c3": preset("tiny", patch_size=4, image_height=12, image_width=16, channels=3,
+                                lsa=True, spt=True),
 }
 
 
@@ -33,7 +35,7 @@ def test_flax_model_shapes_finite_and_every_param_gets_gradient(name):
     params = W.canonical_to_flax(W.random_canonical(c, 0), c)
     logits, out = model.apply({"params": params}, jnp.asarray(_x(c)), capture=True)
     assert logits.shape == (3, c.num_classes)
-    assert out["patches"].shape == (3, c.num_patches, c.patch_dim)
+    assert out["patches"].shape == (3, c.num_patches, c.stem_dim)
     assert out["with_posemb"].shape == (3, c.num_tokens, c.width)
     assert out[f"blocks.{c.depth - 1}.attn"].shape == (3, c.num_heads, c.num_tokens, c.num_tokens)
     assert out["pooled"].shape == (3, c.width)
@@ -60,7 +62,7 @@ def test_torch_model_shapes_finite_and_every_param_gets_gradient(name):
     model.eval()
     logits, out = model(x, capture=True)
     assert logits.shape == (3, c.num_classes)
-    assert out["patches"].shape == (3, c.num_patches, c.patch_dim)
+    assert out["patches"].shape == (3, c.num_patches, c.stem_dim)
     assert out["with_posemb"].shape == (3, c.num_tokens, c.width)
     assert out[f"blocks.{c.depth - 1}.attn"].shape == (3, c.num_heads, c.num_tokens, c.num_tokens)
     assert all(bool(torch.isfinite(v).all()) for v in out.values())
@@ -158,3 +160,31 @@ def test_config_refuses_unknown_fields_and_presets():
         preset("huge")
     c = preset("small", pool="gap")
     assert ViTConfig.from_dict(c.to_dict()) == c
+
+
+def test_shifted_copies_move_a_pixel_half_a_patch_along_each_diagonal_in_both_frameworks():
+    x = np.zeros((1, 8, 8, 1), np.float32)
+    x[0, 3, 5, 0] = 1.0  # row 3, column 5
+    p = 4  # shifts of 2
+    want = [(3, 5), (1, 3), (1, 7), (5, 3), (5, 7)]  # the image, up-left, up-right, down-left, down-right
+    flax = np.asarray(jm.shifted_copies(jnp.asarray(x), p))  # (1, 8, 8, 5)
+    torch_ = tm.shifted_copies(torch.from_numpy(x).permute(0, 3, 1, 2), p).numpy()  # (1, 5, 8, 8)
+    for channel, (row, col) in enumerate(want):
+        assert np.argwhere(flax[0, :, :, channel]).tolist() == [[row, col]]
+        assert np.argwhere(torch_[0, channel]).tolist() == [[row, col]]
+    x[0, 0, 0, 0] = 1.0  # a corner pixel moved outward falls off the image: zero-filled, no wrap
+    assert np.asarray(jm.shifted_copies(jnp.asarray(x), p))[0, :, :, 1].sum() == 1.0
+
+
+def test_lsa_bars_each_token_from_itself_and_starts_at_the_usual_scale():
+    c = CONFIGS["p4-cls-lsa-spt-c3"]
+    params = jm.init_params(c, 0)
+    np.testing.assert_allclose(params["blocks_0"]["attn"]["logit_scale"], c.head_dim ** -0.5)
+    torch_model = tm.ViT(c).eval()
+    np.testing.assert_allclose(torch_model.blocks[0].attn.logit_scale.detach(), c.head_dim ** -0.5)
+    _, out = jm.ViT(c).apply({"params": params}, jnp.asarray(_x(c)), capture=True)
+    weights = np.asarray(out["blocks.0.attn"])  # (B, H, T, T)
+    assert np.all(np.diagonal(weights, axis1=-2, axis2=-1) == 0.0)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(ConfigError, match="spt"):
+        preset("tiny", patch_size=1, spt=True)

@@ -50,6 +50,18 @@ def patchify_naive(images: Tensor, patch_size: int) -> Tensor:
     return torch.stack(patches, dim=1)  # (B, N, p*p*C)
 
 
+def shifted_copies(images: Tensor, patch_size: int) -> Tensor:
+    """Shifted Patch Tokenization's input (Lee et al. 2021): (B, C, H, W) -> (B, 5C, H, W), the
+    image and its copies moved half a patch along each diagonal, zero-filled, on channels."""
+    _, _, h, w = images.shape
+    s = patch_size // 2
+    padded = F.pad(images, (s, s, s, s))  # (B, C, H+2s, W+2s)
+    # copy[y, x] = image[y - dy, x - dx]: moved up-left, up-right, down-left, down-right
+    copies = [padded[:, :, s - dy:s - dy + h, s - dx:s - dx + w]
+              for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
+    return torch.cat([images, *copies], dim=1)  # (B, 5C, H, W)
+
+
 # ---- position encodings ------------------------------------------------------------
 def sincos1d(num_tokens: int, width: int) -> Tensor:
     """The Transformer's table over the token index: [sin(t w_i), cos(t w_i)] interleaved."""
@@ -89,6 +101,8 @@ class Attention(nn.Module):
         super().__init__()
         c = self.config = config
         self.qkv = nn.Linear(c.width, 3 * c.width, bias=c.qkv_bias)
+        if c.lsa:  # learned per head, from the usual 1/sqrt(hd)
+            self.logit_scale = nn.Parameter(torch.full((c.num_heads,), c.head_dim ** -0.5))
         self.proj = nn.Linear(c.width, c.width)
         self.attn_drop = nn.Dropout(c.attn_dropout)
         self.proj_drop = nn.Dropout(c.dropout)
@@ -98,14 +112,21 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        scale, mask = c.head_dim ** -0.5, None
+        if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
+            q = q * self.logit_scale.to(q.dtype)[:, None, None]  # (B, H, T, hd)
+            scale, mask = 1.0, ~torch.eye(t, dtype=torch.bool, device=x.device)  # (T, T)
         weights = None
         if capture:
-            logits = (q @ k.transpose(-2, -1)) * c.head_dim ** -0.5  # (B, H, T, T)
+            logits = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
             weights = logits.float().softmax(dim=-1)
             out = self.attn_drop(weights).to(v.dtype) @ v  # (B, H, T, hd)
         else:
             p = c.attn_dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(  # (B, H, T, hd)
+                q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         out = self.proj(out.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
         return self.proj_drop(out), weights
 
@@ -171,7 +192,9 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.patch_embed = nn.Linear(c.patch_dim, c.width)
+        if c.spt:  # LayerNorm over each token's 5 stacked patches, before the projection
+            self.patch_norm = nn.LayerNorm(c.stem_dim, eps=c.ln_eps)
+        self.patch_embed = nn.Linear(c.stem_dim, c.width)
         if c.pool == "cls":
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
         if c.posemb == "learned":
@@ -206,7 +229,10 @@ class ViT(nn.Module):
     def embed(self, images: Tensor, out: dict[str, Tensor]) -> Tensor:
         """Eq. 1: (B, C, H, W) -> z0 (B, T, D)."""
         c = self.config
-        patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+        if c.spt:  # (B, N, p*p*5C), each token normalized
+            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
+        else:
+            patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
         # The residual stream stays float32 whatever the compute dtype (autocast included):
         # a bf16 stream loses the small block updates and trains measurably worse.
         x = self.patch_embed(patches).float()  # (B, N, D)
