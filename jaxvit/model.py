@@ -160,7 +160,8 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
         scale, mask = c.head_dim ** -0.5, None
         if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
-            q = q * self.logit_scale.astype(q.dtype)[:, None]  # (B, T, H, hd)
+            # in float32, so that in bf16 the scale's gradient is a float32 sum, as in torch
+            q = (q.astype(jnp.float32) * self.logit_scale[:, None]).astype(q.dtype)  # (B, T, H, hd)
             scale, mask = 1.0, ~jnp.eye(t, dtype=bool)[None, None]  # (1, 1, T, T)
         weights = None
         if capture or (train and c.attn_dropout > 0):

@@ -114,7 +114,8 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
         scale, mask = c.head_dim ** -0.5, None
         if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
-            q = q * self.logit_scale.to(q.dtype)[:, None, None]  # (B, H, T, hd)
+            # in float32, so that in bf16 the scale's gradient is a float32 sum
+            q = (q.float() * self.logit_scale[:, None, None]).to(q.dtype)  # (B, H, T, hd)
             scale, mask = 1.0, ~torch.eye(t, dtype=torch.bool, device=x.device)  # (T, T)
         weights = None
         if capture:
