@@ -44,6 +44,11 @@ E44_ELASTIC17 = [*E44, "--elastic", "17"]
 P4_ELASTIC17 = ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic", "17"]
 
 
+# Lee et al. 2021's changes for small datasets, alone and together (plan cpu-p)
+LEE_2021 = (("spt", ["--spt", "true"]), ("lsa", ["--lsa", "true"]),
+            ("spt-lsa", ["--spt", "true", "--lsa", "true"]))
+
+
 def G(name: str, args: list[str], seed: int) -> dict:
     """A run of the CPU plans (cpu-g to cpu-k): one seed, scored with TTA, grouped over seeds by name."""
     return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
@@ -200,10 +205,12 @@ PLANS: dict[str, dict] = {
     # patch and the four patches half a patch away along the diagonals, LayerNorm, then E) and
     # Locality Self-Attention (a learned logit scale per head; no token attends to itself).
     # The 12 validation digits every earlier model gets wrong need models that see differently.
-    "cpu-p": {"runs": [G(f"p4-e40-elastic17-{name}", [*P4_ELASTIC17, *extra], 0)
-                       for name, extra in (("spt", ["--spt", "true"]), ("lsa", ["--lsa", "true"]))],
-              "ensembles": [(f"{name}-s0-tta-final", [f"p4-e40-elastic17-{name}-s0"], True, "final")
-                            for name in ("spt", "lsa")]},
+    # Then (with --only, one at a time) seed 1 of either, or both changes together (the paper's
+    # "SL-ViT"), as the first two runs direct.
+    "cpu-p": {"runs": [G(f"p4-e40-elastic17-{name}", [*P4_ELASTIC17, *extra], s)
+                       for s in (0, 1) for name, extra in LEE_2021],
+              "ensembles": [(f"{name}-s{s}-tta-final", [f"p4-e40-elastic17-{name}-s{s}"], True, "final")
+                            for s in (0, 1) for name, _ in LEE_2021]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
