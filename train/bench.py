@@ -43,7 +43,7 @@ def flops_per_image(c: ViTConfig) -> float:
     """Forward matmul FLOPs of one image (2 per multiply-add); a train step is ~3x this."""
     t, d, m = c.num_tokens, c.width, c.mlp_dim
     per_block = 2 * t * d * (3 * d) + 2 * t * d * d + 2 * 2 * t * d * m + 2 * 2 * t * t * d
-    return float(2 * c.num_patches * c.patch_dim * d + c.depth * per_block + 2 * d * c.num_classes)
+    return float(2 * c.num_patches * c.stem_dim * d + c.depth * per_block + 2 * d * c.num_classes)
 
 
 def summarize(times: list[float]) -> dict:
