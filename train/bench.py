@@ -1,6 +1,7 @@
 """Framework speed comparison: the same ViT, the same batch, Flax against PyTorch.
 
     python train/bench.py --preset base --batch-size 1024 --steps 50 --out bench_out
+    python train/bench.py --preset small --spt true --lsa true   # any ViTConfig field, as the trainers take
 
 For each mode (Flax jitted fp32/bf16, PyTorch eager fp32/bf16, torch.compile fp32/bf16) it
 times the train step (forward + backward + AdamW update) and inference, after warm-up,
@@ -31,6 +32,7 @@ import numpy as np
 
 from jaxvit import xla_flags
 from parity.config import PRESETS, ViTConfig, preset
+from train.common import UsageError, add_config_options, config_from_options
 
 MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
          "torch-compile-fp32", "torch-compile-bf16"]
@@ -280,7 +282,7 @@ ENV_KEYS = ("device", "backend", "jax", "flax", "optax", "torch", "python")
 
 def worker(args) -> list[dict]:
     """One measurement (a mode, or patchify in one framework), in its own process."""
-    config = preset(args.preset)
+    config = config_from_options(args.preset, args)
     if "flax" in args.worker:
         xla_flags.apply()  # as the trainer does, before JAX creates its backend
         if args.cpu_devices > 1:
@@ -352,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
                         "JAX's choice, XLA); cudnn needs a GPU and bf16")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_config_options(p)
     args = p.parse_args(argv)
+    try:
+        config_from_options(args.preset, args)  # refuses a bad config before any work
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown or args.batch_size < 1 or args.steps < 1 or args.cpu_devices < 1 or \
@@ -390,9 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def model_name(args) -> str:
+    """The preset, and each config field the command line changed: "small (spt=True)"."""
+    base, config = preset(args.preset).to_dict(), config_from_options(args.preset, args).to_dict()
+    changed = ", ".join(f"{k}={v}" for k, v in config.items() if base[k] != v)
+    return f"{args.preset} ({changed})" if changed else args.preset
+
+
 def markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"Device: {env['device']}; jax {env['jax']}, flax {env['flax']}, "
-             f"torch {env['torch']}; preset `{args.preset}`, batch {args.batch_size}, "
+             f"torch {env['torch']}; preset `{model_name(args)}`, batch {args.batch_size}, "
              f"median of {args.steps} timed steps", "",
              "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU | first train call (s) "
              "| inference img/s | first inference call (s) |",
@@ -444,7 +459,7 @@ def plot(rows: list[dict], path: Path, device: str, args) -> None:
     ax.bar(pos + 0.2, infer, 0.4, label="inference")
     ax.set_xticks(pos, modes, rotation=20, ha="right")
     ax.set_ylabel("images / second (median)")
-    ax.set_title(f"ViT preset '{args.preset}', batch {args.batch_size} on {device}")
+    ax.set_title(f"ViT preset '{model_name(args)}', batch {args.batch_size} on {device}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -156,12 +156,27 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Recipe):
         rec.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[str(f.type)],
                          default=None, help=RECIPE_HELP[f.name])
+    add_config_options(p)
+    return p
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """--<field> for each ViTConfig field (--patch-size, --spt, ...): each overrides the preset's."""
     cfg = p.add_argument_group("model config overrides (defaults: the preset)")
     for f in dataclasses.fields(ViTConfig):
         kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
         cfg.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                          help=f"ViTConfig.{f.name}")
-    return p
+
+
+def config_from_options(name: str, args: argparse.Namespace) -> ViTConfig:
+    """The preset `name` with the config fields given on the command line; refuses bad ones."""
+    given = vars(args)
+    try:
+        return preset(name, **{f.name: given[f.name] for f in dataclasses.fields(ViTConfig)
+                               if given.get(f.name) is not None})
+    except (ConfigError, TypeError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _count(text: str) -> int:
@@ -206,10 +221,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
     config_fields = {f.name for f in dataclasses.fields(ViTConfig)}
     recipe = dataclasses.replace(RECIPES[name], **{k: given[k] for k in recipe_fields
                                                     if given.get(k) is not None})
-    try:
-        config = preset(name, **{k: given[k] for k in config_fields if given.get(k) is not None})
-    except (ConfigError, TypeError) as e:
-        raise UsageError(str(e)) from None
+    config = config_from_options(name, args)
     check_recipe(recipe)
     options = {k: v for k, v in given.items() if k not in recipe_fields | config_fields}
     return Run(name, config, recipe, options)
