@@ -7,8 +7,10 @@ import sys
 import pandas as pd
 import pytest
 
+from parity.config import preset
 from tests.helpers import ROOT, env, trainer, write_competition
 from train import data
+from train.bench import flops_per_image
 
 
 def _run(*args, timeout=600):
@@ -22,8 +24,11 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     out = tmp_path / "bench"
     proc = _run(str(ROOT / "train" / "bench.py"), "--preset", "tiny", "--batch-size", "8",
                 "--steps", "2", "--warmup", "1", "--modes", "flax-fp32,torch-eager-fp32",
-                "--patchify-batches", "8", "--cpu-devices", "2", "--out", str(out))
+                "--patchify-batches", "8", "--cpu-devices", "2", "--depth", "1", "--spt", "true",
+                "--out", str(out))
     rows = json.loads((out / "bench.json").read_text())
+    # config overrides, as the trainers take them: the model timed and its FLOPs are that one
+    config = preset("tiny", depth=1, spt=True)
     timed = [r for r in rows if r["kind"] in ("train", "inference")]
     assert {(r["mode"], r["kind"]) for r in timed} == {
         (m, k) for m in ("flax-fp32", "torch-eager-fp32") for k in ("train", "inference")}
@@ -31,7 +36,8 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
         for key in ("device", "jax", "flax", "torch", "config", "batch", "flops_per_image",
                     "img_per_s", "tflops", "mfu", "median_s", "first_call_s"):
             assert key in r, key
-        assert r["batch"] == 8 and r["flops_per_image"] > 0 and r["img_per_s"] > 0
+        assert r["batch"] == 8 and r["img_per_s"] > 0 and r["config"] == config.to_dict()
+        assert r["flops_per_image"] == (3 if r["kind"] == "train" else 1) * flops_per_image(config)
         assert r["devices"] == (2 if r["framework"] == "flax" else 1)
         if r["framework"] == "flax":  # the flags the trainer uses, recorded beside the timing
             assert "--xla_cpu_experimental_ynn_fusion_type=" in r["xla_flags"].split()
@@ -39,6 +45,7 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     assert {r["framework"] for r in patch} == {"flax", "torch"}
     header = "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU |"
     assert header in proc.stdout and header in (out / "bench.md").read_text()
+    assert "preset `tiny (depth=1, spt=True)`" in proc.stdout
     assert "| flax-fp32 (2 CPU devices) |" in proc.stdout and "| torch-eager-fp32 |" in proc.stdout
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -47,6 +54,8 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     (["--patchify-batches", "64,x"], "expected comma-separated whole numbers >= 1, got '64,x'"),
     (["--warmup", "-1"], "--warmup >= 0"),
     (["--modes", "flax-fp64"], "unknown mode(s) ['flax-fp64']"),
+    (["--spt", "maybe"], "argument --spt: expected true or false, got 'maybe'"),
+    (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),
 ])
 def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), *args,
