@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -11,6 +12,7 @@ from parity.config import preset
 from tests.helpers import ROOT, env, trainer, write_competition
 from train import data
 from train.bench import flops_per_image
+from train.ensemble import combine
 
 
 def _run(*args, timeout=600):
@@ -96,6 +98,16 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     assert errors["oracle_val_acc"] == pytest.approx(1 - len(every) / 120)
     _, val_rows = data.stratified_split(data.resolve(str(comp)).train_labels[:600], 0.2, 0)
     assert anyone <= set(val_rows.tolist()) and "wrong in every member" in proc.stderr
+    # probs.npz: what each member predicted, from which the ensemble's scores follow again
+    probs = np.load(tmp_path / "ens" / "probs.npz")
+    assert probs["val_probs"].shape == (2, 120, 10) and probs["test_probs"].shape == (2, 30, 10)
+    assert (probs["val_rows"] == val_rows).all()
+    assert list(probs["members"]) == [m["weights"] for m in report["members"]]
+    assert np.allclose(probs["val_probs"].sum(-1), 1, atol=1e-5)
+    for member, p in zip(report["members"], probs["val_probs"], strict=True):
+        assert np.mean(p.argmax(-1) == probs["val_labels"]) == pytest.approx(member["val_acc"])
+    assert (np.mean(combine(list(probs["val_probs"])).argmax(-1) == probs["val_labels"])
+            == pytest.approx(report["ensemble_val_acc"]))
     submission = pd.read_csv(tmp_path / "ens" / "submission.csv")
     assert len(submission) == 30
     # the pseudo-labels: the test images the ensemble is sure of, with its submitted labels
@@ -116,9 +128,7 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
 
 
 def test_each_combining_rule_decides_as_it_says():
-    import numpy as np
-
-    from train.ensemble import COMBINERS, combine
+    from train.ensemble import COMBINERS
 
     # three members, four images (rows), three classes; each image splits the rules differently
     members = [np.array([[0.9, 0.1, 0.0], [0.51, 0.49, 0.0], [0.6, 0.4, 0.0], [0.5, 0.3, 0.2]]),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ import numpy as np
 from jaxvit import xla_flags
 from parity import weights as W
 from train import data
-from train.common import UsageError, fail, prepare_out
+from train.common import UsageError, atomic_write_text, fail, prepare_out
 
 
 def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
@@ -90,6 +91,21 @@ def error_overlap(val_probs: list[np.ndarray], labels: np.ndarray, rows: np.ndar
     return {"members": [sorted(w) for w in wrong], "every": sorted(every), "any": sorted(anyone),
             "ensemble": sorted(ensemble), "rescued": sorted(every - ensemble),
             "oracle_val_acc": 1 - len(every) / len(labels)}
+
+
+def save_probs(path: Path, val_probs: list[np.ndarray], test_probs: list[np.ndarray],
+               val_rows: np.ndarray, val_labels: np.ndarray, members: list[str]) -> None:
+    """The members' class probabilities, written whole or not at all (see the module's notes)."""
+    classes = test_probs[0].shape[-1]
+    arrays = {"val_probs": np.stack(val_probs) if val_probs else np.zeros((len(members), 0, classes)),
+              "test_probs": np.stack(test_probs), "val_rows": np.asarray(val_rows, np.int64),
+              "val_labels": np.asarray(val_labels, np.int64), "members": np.array(members)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **{k: v.astype(np.float32) if k.endswith("probs") else v for k, v in arrays.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +195,9 @@ def run(args) -> int:
                                    "kept": int(len(keep)), "of": int(len(test_scores))}
         print(f"wrote {args.pseudo_labels}: {len(keep)} of {len(test_scores)} test images at "
               f"confidence >= {args.min_confidence}", file=sys.stderr)
-    (out / "ensemble.json").write_text(json.dumps(report, indent=1))
+    save_probs(out / "probs.npz", val_probs, test_probs, val_idx, labels[val_idx],
+               [str(path) for path, _ in members])
+    atomic_write_text(out / "ensemble.json", json.dumps(report, indent=1))
     print(f"wrote {out / 'submission.csv'}", file=sys.stderr)
     return 0
 
