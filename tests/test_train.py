@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from importlib.metadata import version
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,10 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
     assert len(pd.read_csv(out / "submission.csv")) == 60
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tta"] and summary["tta_val_acc"] is None and summary["best_val_acc"] is None
+    # what it ran on, for telling apart two runs of one command that do not repeat to the bit
+    env = summary["environment"]
+    assert env["jax"] == version("jax") and env["torch"] == version("torch") and env["cpu_count"] >= 1
+    assert env["cpu"] and env["python"].count(".") == 2 and "xla_flags" in env
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])

@@ -500,11 +500,34 @@ def print_epoch(row: dict[str, Any], epochs: int) -> None:
           f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s", file=sys.stderr)
 
 
+def environment() -> dict[str, Any]:
+    """What the run ran on: the CPU, the Python and library versions, XLA's flags. Two runs of
+    one command and seed repeat each other to the bit on one machine and set of libraries; on
+    another they may not (seen: plan cpu-n's recipe seed 0 against its rerun, docs/results.md)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    libraries = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            libraries[name] = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            **libraries, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
 def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, Any],
                seconds: float, tta_val_acc: float | None = None) -> None:
     """The run's last line: where the submission is, from which weights, the best epoch, and
     with --tta the validation accuracy of the submission's weights with TTA; the same in
-    summary.json."""
+    summary.json, with the environment the run ended in."""
     score = (f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best["epoch"] > 0
              else "no validation split (--val-fraction 0)")
     if tta_val_acc is not None:
@@ -513,7 +536,7 @@ def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, An
     summary = {"submission_weights": weights, "tta": tta,
                "best_val_acc": best["val_acc"] if scored else None,
                "best_epoch": best["epoch"] if scored else None,
-               "tta_val_acc": tta_val_acc, "seconds": seconds}
+               "tta_val_acc": tta_val_acc, "seconds": seconds, "environment": environment()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'submission.csv'} ({rows} rows, weights: {weights}"
           f"{', TTA' if tta else ''}); {score}; {seconds:.0f} s", file=sys.stderr)
