@@ -208,7 +208,8 @@ PLANS: dict[str, dict] = {
     # Then (with --only, one at a time) seed 1 of either, or both changes together (the paper's
     # "SL-ViT"), as the first two runs direct.
     # Result (2026-12-02, seed 0): SPT 99.38% final, 99.48% with TTA; LSA 99.31%, 99.45%; both
-    # 99.43%, 99.45%: no gain (docs/results.md, plan cpu-p); seed 1 not run.
+    # 99.43%, 99.45%: no gain (docs/results.md, plan cpu-p). Seed 1 of SPT (2026-12-02, with
+    # `--only p4-e40-elastic17-spt-s1`): 99.38% final, 99.40% with TTA; LSA's and SL-ViT's seed 1 not run.
     "cpu-p": {"runs": [G(f"p4-e40-elastic17-{name}", [*P4_ELASTIC17, *extra], s)
                        for s in (0, 1) for name, extra in LEE_2021],
               "ensembles": [(f"{name}-s{s}-tta-final", [f"p4-e40-elastic17-{name}-s{s}"], True, "final")
