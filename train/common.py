@@ -13,8 +13,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from parity.config import PRESETS, ConfigError, ViTConfig, preset
 
@@ -303,16 +304,22 @@ def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
 
 
 # ---- files ---------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """write(f) fills a temporary file beside path, which is renamed into place once whole and
+    on disk: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def prepare_out(out: Path) -> None:

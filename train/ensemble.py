@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import numpy as np
 from jaxvit import xla_flags
 from parity import weights as W
 from train import data
-from train.common import UsageError, atomic_write_text, fail, prepare_out
+from train.common import UsageError, atomic_write, atomic_write_text, fail, prepare_out
 
 
 def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
@@ -100,12 +99,8 @@ def save_probs(path: Path, val_probs: list[np.ndarray], test_probs: list[np.ndar
     arrays = {"val_probs": np.stack(val_probs) if val_probs else np.zeros((len(members), 0, classes)),
               "test_probs": np.stack(test_probs), "val_rows": np.asarray(val_rows, np.int64),
               "val_labels": np.asarray(val_labels, np.int64), "members": np.array(members)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **{k: v.astype(np.float32) if k.endswith("probs") else v for k, v in arrays.items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **{k: v.astype(np.float32) if k.endswith("probs") else v
+                                                for k, v in arrays.items()}))
 
 
 def main(argv: list[str] | None = None) -> int:
