@@ -13,6 +13,7 @@ from tests.helpers import ROOT, env, trainer, write_competition
 from train import data
 from train.bench import flops_per_image
 from train.ensemble import combine
+from train.tta_study import SETS, VIEWS
 
 
 def _run(*args, timeout=600):
@@ -165,6 +166,41 @@ def test_ensemble_refuses_bad_pseudo_label_options_before_any_work(args, words, 
                            "--out", str(tmp_path / "e"), *args], capture_output=True, text=True, env=env())
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "e").exists()
+
+
+def test_tta_study_scores_view_sets_as_the_trainers_tta_does(tmp_path):
+    comp = write_competition(tmp_path / "comp", 400, 10, as_zip=True)
+    trainer("flax", "--data", str(comp), "--preset", "tiny", "--epochs", "2", "--batch-size", "64",
+            "--val-fraction", "0.25", "--out", str(tmp_path / "a"))
+    study = [str(ROOT / "train" / "tta_study.py"), str(tmp_path / "a"), "--data", str(comp)]
+    proc = _run(*study, "--out", str(tmp_path / "s"))
+    report = json.loads((tmp_path / "s" / "tta_study.json").read_text())
+    acc = {r["set"]: r["val_acc_mean"] / 100 for r in report["rows"]}
+    assert set(acc) == set(SETS) and "| shifts5 | 5 |" in proc.stdout
+    # its "none" and "shifts5" are what ensemble.py scores on the final weights without and with --tta
+    for tta, view_set in ((False, "none"), (True, "shifts5")):
+        out = tmp_path / f"e-{view_set}"
+        _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "a"), "--data", str(comp), "--weights",
+             "final", *(["--tta"] if tta else []), "--out", str(out))
+        assert acc[view_set] == pytest.approx(json.loads((out / "ensemble.json").read_text())["ensemble_val_acc"])
+    row = next(r for r in report["rows"] if r["set"] == "shifts9")
+    assert row["wrong_even"][0] + row["wrong_odd"][0] == row["wrong"][0] == round((1 - acc["shifts9"]) * 100)
+    # every view's softmax is kept in the run, and a second call reads it instead of recomputing
+    cache = tmp_path / "a" / "tta_views.npz"
+    views = np.load(cache)
+    assert set(views.files) == set(VIEWS) | {"labels"} and views["aug3"].shape == (100, 10)
+    assert not np.allclose(views["aug3"], views["aug4"])  # draws differ from one another
+    before = cache.stat().st_mtime_ns
+    _run(*study, "--out", str(tmp_path / "s2"))
+    assert cache.stat().st_mtime_ns == before
+    assert (tmp_path / "s2" / "tta_study.md").read_text() == (tmp_path / "s" / "tta_study.md").read_text()
+
+
+def test_tta_study_refuses_a_directory_that_is_not_a_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "tta_study.py"), str(tmp_path),
+                           "--out", str(tmp_path / "s")], capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
 
 
 def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
