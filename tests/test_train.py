@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 
 from parity import weights as W
 from tests.helpers import popen_trainer, trainer, write_competition
-from train import data
+from train import common, data
 
 FAST = ["--preset", "tiny", "--lr", "3e-3", "--batch-size", "64", "--rotate", "0",
         "--translate", "0", "--scale", "0", "--val-fraction", "0.2"]
@@ -95,6 +96,9 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
     env = summary["environment"]
     assert env["jax"] == version("jax") and env["torch"] == version("torch") and env["cpu_count"] >= 1
     assert env["cpu"] and env["python"].count(".") == 2 and "xla_flags" in env
+    assert set(env["cpu_isa"]) <= set(common.CPU_ISA)
+    if Path("/proc/cpuinfo").is_file() and "avx2" in Path("/proc/cpuinfo").read_text():
+        assert "avx2" in env["cpu_isa"]
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])

@@ -507,17 +507,27 @@ def print_epoch(row: dict[str, Any], epochs: int) -> None:
           f"train acc {row['train_acc']:.4f}{val}, {row['img_per_s']:.0f} img/s", file=sys.stderr)
 
 
+# the x86 vector extensions XLA:CPU generates code for: its float rounding follows them
+CPU_ISA = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
 def environment() -> dict[str, Any]:
-    """What the run ran on: the CPU, the Python and library versions, XLA's flags. Two runs of
-    one command and seed repeat each other to the bit on one machine and set of libraries; on
-    another they may not (seen: plan cpu-n's recipe seed 0 against its rerun, docs/results.md)."""
+    """What the run ran on: the CPU and its vector extensions, the Python and library versions,
+    XLA's flags. Two runs of one command and seed repeat each other to the bit on one machine
+    and set of libraries; on a CPU with other vector extensions they do not, since XLA:CPU
+    compiles to the widest the CPU has and the sums round differently (docs/results.md,
+    "Reproducibility")."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            info = f.read()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                    if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                          if line.startswith("flags")), []))
     except OSError:
         pass
     libraries = {}
@@ -526,7 +536,8 @@ def environment() -> dict[str, Any]:
             libraries[name] = version(name)
         except PackageNotFoundError:
             libraries[name] = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu, "cpu_isa": [x for x in CPU_ISA if x in flags], "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
             **libraries, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
