@@ -203,6 +203,27 @@ def test_tta_study_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_compare_runs_tells_a_repeated_run_from_another_seed(tmp_path):
+    comp = write_competition(tmp_path / "comp", 300, 10, as_zip=True)
+    common = ["--data", str(comp), "--preset", "tiny", "--epochs", "1", "--batch-size", "64"]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        trainer("flax", *common, "--seed", seed, "--out", str(tmp_path / name))
+    def compare(*args):
+        return subprocess.run([sys.executable, str(ROOT / "train" / "compare_runs.py"), *args],
+                              capture_output=True, text=True, env=env())
+
+    same = compare(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert same.returncode == 0 and "weights: equal to the bit" in same.stdout
+    assert "curves: equal over 1 epochs" in same.stdout
+    other = compare(str(tmp_path / "a"), str(tmp_path / "c"), "--json")
+    report = json.loads(other.stdout)
+    assert other.returncode == 1 and not report["equal"] and report["max_abs_diff"] > 0
+    assert report["first_epoch_differing"] == 1 and report["environment_differs"] == {}
+    bad = compare(str(tmp_path / "a"), str(tmp_path / "comp"))
+    assert bad.returncode == 2 and "holds no model.safetensors" in bad.stderr
+    assert len(bad.stderr.splitlines()) == 1
+
+
 def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
     _run(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),
