@@ -151,7 +151,9 @@ PLANS: dict[str, dict] = {
     # 4 and 10 of its 44 epochs. A run of a seed takes the recipe's steps up to its first clean
     # epoch, so against the recipe's run of that seed the comparison is paired. The reference
     # runs: seed 0 is cpu-i's teacher (the same code: its epochs 1-40 match to the bit), seeds
-    # 1 and 2 run here (cpu-g's ran before a change of float rounding). TTA averages over
+    # 1 and 2 run here (cpu-g's took other paths: not the code, whose weights at cpu-g's a2ad7f3
+    # and at 29610bf are equal to the bit on one machine, but most likely the machine; see
+    # docs/results.md, "Reproducibility"). TTA averages over
     # shifted images, which the augmentation also teaches; whether the model gains from seeing
     # the images as they are at the end is open.
     "cpu-k": {"runs": [
