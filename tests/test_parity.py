@@ -55,18 +55,18 @@ def test_parity_report_exits_zero_and_prints_table():
     import sys
 
     # The tests above check the whole matrix in-process; run the real command end to end on
-    # two of its configs (all of them take about 60 s here), and on a name it does not have.
-    names = ["p4-cls-learned-28x28-w48", "p2-gap-sincos2d-12x16-w36"]
-    proc = subprocess.run([sys.executable, "-m", "parity", "--config", ",".join(names)],
+    # one of its configs, and on a list holding a name it does not have.
+    name = "p2-gap-sincos2d-12x16-w36"
+    proc = subprocess.run([sys.executable, "-m", "parity", "--config", name],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| stage | config | max abs diff | tolerance | result |" in proc.stdout
     rows = [line.split(" | ")[1].split()[0] for line in proc.stdout.splitlines() if line.startswith("| ") and
             "pass" in line]
-    assert set(rows) == set(names) and " 0 failed" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "parity", "--config", "p5-nope"],
+    assert len(rows) > 10 and set(rows) == {name} and " 0 failed" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "parity", "--config", f"{name},p5-nope"],
                          capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and "unknown --config p5-nope" in bad.stderr
+    assert bad.returncode == 2 and "unknown --config p5-nope;" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout
 
 
