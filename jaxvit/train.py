@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvit.model import ViT
 from parity.config import ViTConfig
-from train.common import augmented_steps, augments, schedule_steps
+from train.common import augmented_steps, augments, mixes, schedule_steps
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -117,15 +117,69 @@ def erase_boxes(u: jax.Array, p: float, h: int, w: int) -> jax.Array:
     return jnp.stack([top, left, jnp.where(u[:, 0] < p, height, 0.0), width], -1)
 
 
-def erase(images: jax.Array, boxes: jax.Array) -> jax.Array:
-    """Black out each image's box: pixel (i, j) of (B, H, W, 1) images where
-    top <= i < top + height and left <= j < left + width."""
-    h, w = images.shape[1:3]
+def box_mask(boxes: jax.Array, h: int, w: int) -> jax.Array:
+    """(B, 4) boxes (top, left, height, width) -> (B, H, W, 1) bool: pixel (i, j) is in its
+    image's box where top <= i < top + height and left <= j < left + width."""
     top, left, height, width = (boxes[:, k, None] for k in range(4))  # (B, 1) each
     rows, cols = jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32)
     in_rows = (rows >= top) & (rows < top + height)  # (B, H)
     in_cols = (cols >= left) & (cols < left + width)  # (B, W)
-    return images * ~(in_rows[:, :, None, None] & in_cols[:, None, :, None])
+    return in_rows[:, :, None, None] & in_cols[:, None, :, None]
+
+
+def erase(images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """Black out each image's box in (B, H, W, 1) images."""
+    return images * ~box_mask(boxes, *images.shape[1:3])
+
+
+def partner(a: jax.Array) -> jax.Array:
+    """Each row's partner in the batch: rows (0, 1), (2, 3), ... swapped. The batch arrives in
+    random order, so this is a random pairing; it never crosses an even split of the batch."""
+    return a.reshape(a.shape[0] // 2, 2, *a.shape[1:])[:, ::-1].reshape(a.shape)
+
+
+def mix_params(lam_mixup: jax.Array, lam_cutmix: jax.Array, u: jax.Array, recipe, h: int,
+               w: int) -> tuple[jax.Array, jax.Array]:
+    """How each image is mixed with its partner, from (B,) Beta draws of each kind and (B, 3)
+    numbers uniform in [0, 1) -> (blend (B,), boxes (B, 4)). A mixup image keeps `blend` of its
+    own pixels and no box. A CutMix image (blend 1) gets a box of 1 - lam of its area, sides
+    sqrt(1 - lam) H and W, centred anywhere in the image and clipped to it (Yun et al. 2019).
+    With both asked for, u[:, 0] < 0.5 picks CutMix."""
+    b = u.shape[0]
+    if recipe.cutmix > 0 and recipe.mixup > 0:
+        cut = u[:, 0] < 0.5
+    else:
+        cut = jnp.full((b,), recipe.cutmix > 0)
+    side = jnp.sqrt(1 - lam_cutmix)
+    cy, cx = u[:, 1] * h, u[:, 2] * w
+    top, bottom = jnp.clip(cy - side * h / 2, 0, h), jnp.clip(cy + side * h / 2, 0, h)
+    left, right = jnp.clip(cx - side * w / 2, 0, w), jnp.clip(cx + side * w / 2, 0, w)
+    boxes = jnp.stack([top, left, jnp.where(cut, bottom - top, 0.0), right - left], -1)
+    return jnp.where(cut, 1.0, lam_mixup), boxes
+
+
+def mix(images: jax.Array, targets: jax.Array, blend: jax.Array,
+        boxes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mix each (B, H, W, 1) image with its partner: inside its box the partner's pixels,
+    elsewhere blend * its own + (1 - blend) * the partner's; its (B, K) target becomes the
+    same mixture of the two targets, weighted by the share of its own pixels."""
+    other = partner(images)
+    inside = box_mask(boxes, *images.shape[1:3])
+    b = blend[:, None, None, None]
+    out = jnp.where(inside, other, b * images + (1 - b) * other)
+    own = (blend * (1 - inside.mean((1, 2, 3))))[:, None]  # (B, 1)
+    return out, own * targets + (1 - own) * partner(targets)
+
+
+def draw_mix(key: jax.Array, recipe, b: int, h: int, w: int) -> tuple[jax.Array, jax.Array]:
+    """The random (blend, boxes) of mix() for a batch of b images."""
+    k_mixup, k_cutmix, k_u = jax.random.split(key, 3)
+
+    def beta(k, a):
+        return jax.random.beta(k, a, a, (b,)) if a > 0 else jnp.ones(b)
+
+    return mix_params(beta(k_mixup, recipe.mixup), beta(k_cutmix, recipe.cutmix),
+                      jax.random.uniform(k_u, (b, 3)), recipe, h, w)
 
 
 def warp(images: jax.Array, angle: jax.Array, zoom: jax.Array, shear: jax.Array,
@@ -204,8 +258,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
     """
     shard_batch = (lambda a: a) if mesh is None else (
         lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
-    augmenting = augments(recipe)
+    augmenting, mixing = augments(recipe), mixes(recipe)
     aug_steps = augmented_steps(recipe, steps_per_epoch)
+    classes = model.config.num_classes
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
                    index: jax.Array, step: jax.Array, base_key: jax.Array) -> State:
@@ -213,14 +268,19 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         x = shard_batch(to_unit(images[idx]))  # (B, H, W, 1) in [0, 1], split over devices
         y = shard_batch(labels[idx])  # (B,)
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
+        targets = jax.nn.one_hot(y, classes)  # (B, K)
         if augmenting:  # the last --clean-epochs epochs keep the images as they are
             x = jnp.where(step < aug_steps, augment(x, aug_key, recipe), x)
+        if mixing:  # pairs of images and their targets, after the warps
+            mixed, mixed_targets = mix(x, targets, *draw_mix(jax.random.fold_in(aug_key, 3), recipe,
+                                                             *x.shape[:3]))
+            x = jnp.where(step < aug_steps, mixed, x)
+            targets = jnp.where(step < aug_steps, mixed_targets, targets)
         x = normalize(x)
+        targets = optax.smooth_labels(targets, recipe.label_smoothing)
 
         def loss_fn(params):
             logits = model.apply({"params": params}, x, train=True, rngs={"dropout": drop_key})
-            targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]),
-                                          recipe.label_smoothing)
             return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

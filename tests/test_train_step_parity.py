@@ -25,7 +25,7 @@ PLAIN = Recipe(epochs=2, batch_size=32, lr=2e-3, rotate=0, translate=0, scale=0,
                label_smoothing=0.1, grad_clip=1.0, weight_decay=0.05, warmup_epochs=1, ema_decay=0.99)
 # augmentation asked for, but every epoch is a clean one: both trainers must skip it alike
 ALL_CLEAN = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, erase=0.5,
-                                clean_epochs=2)
+                                mixup=0.4, cutmix=1.0, clean_epochs=2)
 
 
 @pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN], ids=["no-augmentation", "all-clean-epochs"])
@@ -172,38 +172,78 @@ def test_the_schedule_of_both_trainers_is_the_same():
                                    rtol=1e-5, atol=1e-9)
 
 
-def test_clean_epochs_train_on_the_images_as_they_are_in_both_trainers():
-    """With --clean-epochs 1 of 2, a step of the first epoch augments its batch (its training
-    loss differs from the same step's without augmentation) and a step of the last does not
-    (the same loss, to the bit)."""
+def _one_step_losses(recipe, step):
+    """The training loss of step `step` of each trainer, from the same weights and batch."""
     config = preset("tiny", patch_size=4)
     steps_per_epoch = 5
-    augmented = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, clean_epochs=1)
     canonical = W.random_canonical(config, 0, scale=0.05)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (200, 28, 28)).astype(np.uint8)
     labels = rng.integers(0, 10, 200).astype(np.int32)
     order = rng.permutation(200)[:160].astype(np.int32)
+    i = step % steps_per_epoch
 
-    def flax_loss(recipe, step):
-        tx = jt.make_optimizer(recipe, steps_per_epoch)
-        state = jt.create_state(config, recipe, tx, 0)
-        state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
-        train_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
-        state = train_step(state, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order),
-                           np.int32(step % steps_per_epoch), np.int32(step))
-        return float(state["totals"][0])
+    tx = jt.make_optimizer(recipe, steps_per_epoch)
+    state = jt.create_state(config, recipe, tx, 0)
+    state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
+    train_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
+    state = train_step(state, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order),
+                       np.int32(i), np.int32(step))
 
-    def torch_loss(recipe, step):
-        model = TorchViT(config)
-        model.load_state_dict(W.canonical_to_torch(canonical, config))
-        trainer = tt.Trainer(model, recipe, steps_per_epoch, 0)
-        i = step % steps_per_epoch
-        trainer.train_step(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
-                           torch.from_numpy(order[i * 32:(i + 1) * 32].astype(np.int64)), step)
-        return float(trainer.totals[0])
+    model = TorchViT(config)
+    model.load_state_dict(W.canonical_to_torch(canonical, config))
+    trainer = tt.Trainer(model, recipe, steps_per_epoch, 0)
+    trainer.train_step(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                       torch.from_numpy(order[i * 32:(i + 1) * 32].astype(np.int64)), step)
+    return float(state["totals"][0]), float(trainer.totals[0])
 
-    for loss in (flax_loss, torch_loss):
-        last_augmented, first_clean = steps_per_epoch - 1, steps_per_epoch
-        assert loss(augmented, last_augmented) != loss(PLAIN, last_augmented), loss.__name__
-        assert loss(augmented, first_clean) == loss(PLAIN, first_clean), loss.__name__
+
+def test_clean_epochs_train_on_the_images_as_they_are_in_both_trainers():
+    """With --clean-epochs 1 of 2, a step of the first epoch augments its batch (its training
+    loss differs from the same step's without augmentation) and a step of the last does not
+    (the same loss, to the bit)."""
+    augmented = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, clean_epochs=1)
+    last_augmented, first_clean = 4, 5
+    for aug, plain in zip(_one_step_losses(augmented, last_augmented),
+                          _one_step_losses(PLAIN, last_augmented), strict=True):
+        assert aug != plain
+    assert _one_step_losses(augmented, first_clean) == _one_step_losses(PLAIN, first_clean)
+
+
+def test_mixup_and_cutmix_are_the_same_in_both_trainers():
+    rng = np.random.default_rng(5)
+    x = rng.random((16, 28, 20, 1), dtype=np.float32)
+    targets = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]
+    for recipe in (Recipe(mixup=0.4), Recipe(cutmix=1.0), Recipe(mixup=0.4, cutmix=1.0)):
+        lam_mixup, lam_cutmix = rng.beta(0.4, 0.4, 16), rng.beta(1.0, 1.0, 16)
+        draws = [a.astype(np.float32) for a in (lam_mixup, lam_cutmix, rng.random((16, 3)))]
+        blend, boxes = (np.array(a) for a in jt.mix_params(*map(jnp.asarray, draws), recipe, 28, 20))
+        blend_t, boxes_t = tt.mix_params(*map(torch.from_numpy, draws), recipe, 28, 20)
+        np.testing.assert_array_equal(blend, blend_t.numpy())
+        np.testing.assert_allclose(boxes, boxes_t.numpy(), atol=1e-5)
+        cut = boxes[:, 2] > 0
+        if recipe.mixup == 0:
+            assert (blend == 1).all() and cut.any()
+        if recipe.cutmix == 0:
+            assert not cut.any() and np.allclose(blend, draws[0])
+        out, mixed = (np.asarray(a) for a in jt.mix(jnp.asarray(x), jnp.asarray(targets), jnp.asarray(blend),
+                                                    jnp.asarray(boxes)))
+        out_t, mixed_t = tt.mix(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(targets),
+                                torch.from_numpy(blend), torch.from_numpy(boxes))
+        np.testing.assert_allclose(out, out_t.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+        np.testing.assert_allclose(mixed, mixed_t.numpy(), atol=1e-6)
+        # each image is a mixture of itself and its partner (rows 0 and 1, 2 and 3, ... swapped)
+        partner = x.reshape(8, 2, 28, 20, 1)[:, ::-1].reshape(x.shape)
+        own_pixels = np.isclose(out, x, atol=1e-6) & ~np.isclose(x, partner, atol=1e-6)
+        np.testing.assert_allclose(mixed.sum(1), 1, atol=1e-6)
+        for i in np.flatnonzero(cut):  # CutMix: the target's share is the share of own pixels
+            assert mixed[i, targets[i].argmax()] >= own_pixels[i].mean() - 1e-6
+            assert 0 < own_pixels[i].mean() < 1
+        for i in np.flatnonzero(~cut):  # mixup: a blend everywhere
+            np.testing.assert_allclose(out[i], blend[i] * x[i] + (1 - blend[i]) * partner[i], atol=1e-6)
+
+
+def test_both_trainers_mix_their_batch_when_asked():
+    mixing = dataclasses.replace(PLAIN, mixup=0.4, cutmix=1.0)
+    for mixed, plain in zip(_one_step_losses(mixing, 2), _one_step_losses(PLAIN, 2), strict=True):
+        assert np.isfinite(mixed) and mixed != plain

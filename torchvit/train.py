@@ -16,7 +16,7 @@ from torch import Tensor
 
 from parity import weights as W
 from torchvit.model import ViT
-from train.common import augmented_steps, augments, lr_at, schedule_steps
+from train.common import augmented_steps, augments, lr_at, mixes, schedule_steps
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -101,16 +101,72 @@ def erase_boxes(u: Tensor, p: float, h: int, w: int) -> Tensor:
     return torch.stack([top, left, torch.where(u[:, 0] < p, height, 0.0), width], -1)
 
 
-def erase(images: Tensor, boxes: Tensor) -> Tensor:
-    """Black out each image's box: pixel (i, j) of (B, 1, H, W) images where
-    top <= i < top + height and left <= j < left + width."""
-    h, w = images.shape[-2:]
+def box_mask(boxes: Tensor, h: int, w: int) -> Tensor:
+    """(B, 4) boxes (top, left, height, width) -> (B, 1, H, W) bool: pixel (i, j) is in its
+    image's box where top <= i < top + height and left <= j < left + width."""
     top, left, height, width = (boxes[:, k, None] for k in range(4))  # (B, 1) each
-    rows = torch.arange(h, dtype=torch.float32, device=images.device)
-    cols = torch.arange(w, dtype=torch.float32, device=images.device)
+    rows = torch.arange(h, dtype=torch.float32, device=boxes.device)
+    cols = torch.arange(w, dtype=torch.float32, device=boxes.device)
     in_rows = (rows >= top) & (rows < top + height)  # (B, H)
     in_cols = (cols >= left) & (cols < left + width)  # (B, W)
-    return images * ~(in_rows[:, None, :, None] & in_cols[:, None, None, :])
+    return in_rows[:, None, :, None] & in_cols[:, None, None, :]
+
+
+def erase(images: Tensor, boxes: Tensor) -> Tensor:
+    """Black out each image's box in (B, 1, H, W) images."""
+    return images * ~box_mask(boxes, *images.shape[-2:])
+
+
+def partner(a: Tensor) -> Tensor:
+    """Each row's partner in the batch: rows (0, 1), (2, 3), ... swapped. The batch arrives in
+    random order, so this is a random pairing; it never crosses an even split of the batch."""
+    return a.reshape(a.shape[0] // 2, 2, *a.shape[1:]).flip(1).reshape(a.shape)
+
+
+def mix_params(lam_mixup: Tensor, lam_cutmix: Tensor, u: Tensor, recipe, h: int,
+               w: int) -> tuple[Tensor, Tensor]:
+    """How each image is mixed with its partner, from (B,) Beta draws of each kind and (B, 3)
+    numbers uniform in [0, 1) -> (blend (B,), boxes (B, 4)). A mixup image keeps `blend` of its
+    own pixels and no box. A CutMix image (blend 1) gets a box of 1 - lam of its area, sides
+    sqrt(1 - lam) H and W, centred anywhere in the image and clipped to it (Yun et al. 2019).
+    With both asked for, u[:, 0] < 0.5 picks CutMix."""
+    b = u.shape[0]
+    if recipe.cutmix > 0 and recipe.mixup > 0:
+        cut = u[:, 0] < 0.5
+    else:
+        cut = torch.full((b,), recipe.cutmix > 0, device=u.device)
+    side = torch.sqrt(1 - lam_cutmix)
+    cy, cx = u[:, 1] * h, u[:, 2] * w
+    top, bottom = torch.clamp(cy - side * h / 2, 0, h), torch.clamp(cy + side * h / 2, 0, h)
+    left, right = torch.clamp(cx - side * w / 2, 0, w), torch.clamp(cx + side * w / 2, 0, w)
+    boxes = torch.stack([top, left, torch.where(cut, bottom - top, 0.0), right - left], -1)
+    return torch.where(cut, 1.0, lam_mixup), boxes
+
+
+def mix(images: Tensor, targets: Tensor, blend: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Mix each (B, 1, H, W) image with its partner: inside its box the partner's pixels,
+    elsewhere blend * its own + (1 - blend) * the partner's; its (B, K) target becomes the
+    same mixture of the two targets, weighted by the share of its own pixels."""
+    other = partner(images)
+    inside = box_mask(boxes, *images.shape[-2:])
+    b = blend[:, None, None, None]
+    out = torch.where(inside, other, b * images + (1 - b) * other)
+    own = (blend * (1 - inside.float().mean((1, 2, 3))))[:, None]  # (B, 1)
+    return out, own * targets + (1 - own) * partner(targets)
+
+
+def draw_mix(recipe, n: int, h: int, w: int, rows: slice, device) -> tuple[Tensor, Tensor]:
+    """The random (blend, boxes) of mix() for this process's rows of a global batch of n."""
+
+    def beta(a):
+        if a == 0:
+            return torch.ones(n, device=device)
+        a = torch.tensor(a, device=device)
+        return torch.distributions.Beta(a, a).sample((n,))
+
+    lam_mixup, lam_cutmix = beta(recipe.mixup), beta(recipe.cutmix)
+    u = torch.rand((n, 3), device=device)
+    return mix_params(lam_mixup[rows], lam_cutmix[rows], u[rows], recipe, h, w)
 
 
 def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor,
@@ -169,7 +225,7 @@ class Trainer:
         self.warmup, self.total = schedule_steps(recipe, steps_per_epoch)
         self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
                     if recipe.ema_decay > 0 else None)
-        self.augmenting = augments(recipe)
+        self.augmenting, self.mixing = augments(recipe), mixes(recipe)
         self.aug_steps = augmented_steps(recipe, steps_per_epoch)
         self.dtype = dtype
         wrapped = model
@@ -195,12 +251,16 @@ class Trainer:
         rows = slice(self.rank * b, (self.rank + 1) * b)  # this process's share of the batch
         x = to_unit(images[idx[rows]])  # (b, 1, H, W) in [0, 1]
         y = labels[idx[rows]].long()  # (b,)
+        targets = y  # class indices; (b, K) probabilities once mixed
         if self.augmenting and step < self.aug_steps:  # the last --clean-epochs epochs: as they are
             x = augment(x, recipe, rows, idx.shape[0])
+            if self.mixing:  # pairs of images and their targets, after the warps
+                one_hot = F.one_hot(y, self.model.config.num_classes).float()
+                x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
         with self.autocast():
             logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=recipe.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip > 0:

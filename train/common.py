@@ -42,13 +42,20 @@ class Recipe:
     elastic: float = 0.0  # elastic distortion strength alpha, pixels (Simard et al. 2003)
     elastic_sigma: float = 4.0  # smoothness of the elastic displacement field, pixels
     erase: float = 0.0  # probability of erasing one random rectangle of an image to black
+    mixup: float = 0.0  # Beta(a, a) of mixup: blend each image with its batch partner (0: off)
+    cutmix: float = 0.0  # Beta(a, a) of CutMix: paste a box of the partner in (0: off)
     clean_epochs: int = 0  # the last N epochs train on the images as they are, unaugmented
     val_fraction: float = 0.1
     split_seed: int = 0
     seed: int = 0
 
 
-AUGMENTATIONS = ("rotate", "translate", "scale", "shear", "elastic", "erase")
+AUGMENTATIONS = ("rotate", "translate", "scale", "shear", "elastic", "erase", "mixup", "cutmix")
+
+
+def mixes(recipe: Recipe) -> bool:
+    """Whether the recipe mixes pairs of training images (and their targets) at all."""
+    return recipe.mixup > 0 or recipe.cutmix > 0
 
 
 def augments(recipe: Recipe) -> bool:
@@ -89,6 +96,13 @@ RECIPE_HELP = {
                      "displacement field",
     "erase": "augmentation: probability of erasing one random rectangle (2-20%% of the image, "
              "aspect 0.3-3.3) to black (0: off)",
+    "mixup": "augmentation: mixup (Zhang et al. 2018): each training image is blended with its "
+             "partner in the batch, weight lam ~ Beta(a, a), and so are their targets; a is this "
+             "(0.2-0.4 in the paper; 0: off)",
+    "cutmix": "augmentation: CutMix (Yun et al. 2019): a box of the partner image, a 1 - lam "
+              "share of the area with lam ~ Beta(a, a), is pasted in, and the targets mixed by "
+              "area; a is this (1 in the paper; 0: off; with --mixup too, each image gets one "
+              "of the two, at even odds)",
     "clean_epochs": "train the last N epochs on the images as they are, without augmentation "
                     "(the learning-rate schedule unchanged; 0: augment to the end)",
     "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
@@ -247,6 +261,10 @@ def check_recipe(r: Recipe) -> None:
     need(r.scale < 1, f"--scale must be < 1, got {r.scale}")
     need(r.elastic_sigma > 0, f"--elastic-sigma must be > 0, got {r.elastic_sigma}")
     need(0 <= r.erase <= 1, f"--erase must be in [0, 1], got {r.erase}")
+    for k in ("mixup", "cutmix"):
+        need(getattr(r, k) >= 0, f"--{k} must be >= 0, got {getattr(r, k)}")
+    need(not mixes(r) or r.batch_size % 2 == 0,
+         f"--mixup and --cutmix mix pairs of images: --batch-size must be even, got {r.batch_size}")
     need(0 <= r.clean_epochs <= r.epochs,
          f"--clean-epochs must be in [0, --epochs ({r.epochs})], got {r.clean_epochs}")
 
