@@ -19,6 +19,14 @@ def comp(tmp_path_factory):
     return write_competition(tmp_path_factory.mktemp("data") / "comp", 700, 30, as_zip=True)
 
 
+@pytest.fixture(scope="module")
+def whole(comp, tmp_path_factory):
+    """The weights of the 3-epoch run that the killed runs below must end up with."""
+    out = tmp_path_factory.mktemp("whole")
+    trainer("flax", "--data", str(comp), "--epochs", "3", *FAST, "--out", str(out))
+    return W.load(out / "model.safetensors")[0]
+
+
 def _wait_for(predicate, proc, timeout=300):
     deadline = time.time() + timeout
     while not predicate() and proc.poll() is None and time.time() < deadline:
@@ -26,9 +34,8 @@ def _wait_for(predicate, proc, timeout=300):
     return predicate()
 
 
-def test_sigkill_while_a_checkpoint_is_being_written_loses_nothing(comp, tmp_path):
+def test_sigkill_while_a_checkpoint_is_being_written_loses_nothing(comp, whole, tmp_path):
     args = ["--data", str(comp), "--epochs", "3", *FAST]
-    trainer("flax", *args, "--out", str(tmp_path / "whole"))
     cut = tmp_path / "cut"
     os.environ["VIT_TEST_PAUSE"] = "checkpoint-written:30"
     try:
@@ -44,15 +51,13 @@ def test_sigkill_while_a_checkpoint_is_being_written_loses_nothing(comp, tmp_pat
     proc2 = trainer("flax", "--resume", str(cut), "--data", str(comp), check=False)
     assert proc2.returncode == 2 and "no checkpoint.safetensors yet" in proc2.stderr
     trainer("flax", *args, "--out", str(cut))
-    whole, _ = W.load(tmp_path / "whole" / "model.safetensors")
     again, _ = W.load(cut / "model.safetensors")
     for name in whole:
         np.testing.assert_allclose(again[name], whole[name], atol=1e-6, err_msg=name)
 
 
-def test_sigkill_during_the_second_checkpoint_write_resumes_from_the_first(comp, tmp_path):
+def test_sigkill_during_the_second_checkpoint_write_resumes_from_the_first(comp, whole, tmp_path):
     args = ["--data", str(comp), "--epochs", "3", *FAST]
-    trainer("flax", *args, "--out", str(tmp_path / "whole"))
     cut = tmp_path / "cut"
     proc = popen_trainer("flax", *args, "--out", str(cut))
     assert _wait_for(lambda: (cut / "checkpoint.safetensors").exists(), proc)
@@ -69,7 +74,6 @@ def test_sigkill_during_the_second_checkpoint_write_resumes_from_the_first(comp,
     proc.wait()
     assert (cut / "checkpoint.safetensors").exists()  # the first epoch's, untouched
     trainer("flax", "--resume", str(cut), "--data", str(comp))
-    whole, _ = W.load(tmp_path / "whole" / "model.safetensors")
     resumed, _ = W.load(cut / "model.safetensors")
     for name in whole:
         np.testing.assert_allclose(resumed[name], whole[name], atol=1e-6, err_msg=name)
