@@ -216,6 +216,22 @@ PLANS: dict[str, dict] = {
                        for s in (0, 1) for name, extra in LEE_2021],
               "ensembles": [(f"{name}-s{s}-tta-final", [f"p4-e40-elastic17-{name}-s{s}"], True, "final")
                             for s in (0, 1) for name, _ in LEE_2021]},
+    # CPU, plan R: the optimizer settings no plan had varied, one at a time, on the 44-epoch
+    # patch-7 recipe with its last 4 epochs clean (E44_ELASTIC17 + --clean-epochs 4), seeds 0
+    # and 1, two runs at a time (--jobs 2). The pairs are the recipe's runs of the same seeds on
+    # the same machine (2026-12-03, AMD EPYC: 99.38%, 99.38% final; 99.43%, 99.43% with TTA on
+    # final weights; docs/results/cpu-mixlong.json). The recipe's weight decay is 0.05 (kernels
+    # only), its batch 128 and its warm-up 1 epoch. Training accuracy under augmentation ends
+    # below validation accuracy, so less decay may let the model fit more, or more may help it
+    # generalize; half the batch doubles the steps at the same learning rate.
+    "cpu-r": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
+                       for name, extra in (("wd0.01", ["--weight-decay", "0.01"]),
+                                           ("bs64", ["--batch-size", "64"]),
+                                           ("wd0.15", ["--weight-decay", "0.15"]),
+                                           ("warmup5", ["--warmup-epochs", "5"]))
+                       for s in (0, 1)],
+              "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
+                            for name in ("wd0.01", "bs64", "wd0.15", "warmup5") for s in (0, 1)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
