@@ -224,6 +224,9 @@ PLANS: dict[str, dict] = {
     # only), its batch 128 and its warm-up 1 epoch. Training accuracy under augmentation ends
     # below validation accuracy, so less decay may let the model fit more, or more may help it
     # generalize; half the batch doubles the steps at the same learning rate.
+    # Result (2026-12-03): final -5/-6, -3/-4, -4/-1, +3/-1 images against the recipe's pairs
+    # (wd 0.01, wd 0.15, batch 64, warm-up 5); with TTA on final weights all eight runs 1-3
+    # images below: no gain (README, row 19; docs/results/cpu-r.json).
     "cpu-r": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
                        for name, extra in (("wd0.01", ["--weight-decay", "0.01"]),
                                            ("bs64", ["--batch-size", "64"]),
