@@ -48,6 +48,10 @@ P4_ELASTIC17 = ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic",
 LEE_2021 = (("spt", ["--spt", "true"]), ("lsa", ["--lsa", "true"]),
             ("spt-lsa", ["--spt", "true", "--lsa", "true"]))
 
+# the optimizer settings plan cpu-r varies, one at a time (the recipe: 0.05, 128, 1 epoch)
+OPTIMIZER_SETTINGS = (("wd0.01", ["--weight-decay", "0.01"]), ("bs64", ["--batch-size", "64"]),
+                      ("wd0.15", ["--weight-decay", "0.15"]), ("warmup5", ["--warmup-epochs", "5"]))
+
 
 def G(name: str, args: list[str], seed: int) -> dict:
     """A run of the CPU plans (cpu-g to cpu-k): one seed, scored with TTA, grouped over seeds by name."""
@@ -228,13 +232,9 @@ PLANS: dict[str, dict] = {
     # (wd 0.01, wd 0.15, batch 64, warm-up 5); with TTA on final weights all eight runs 1-3
     # images below: no gain (README, row 19; docs/results/cpu-r.json).
     "cpu-r": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
-                       for name, extra in (("wd0.01", ["--weight-decay", "0.01"]),
-                                           ("bs64", ["--batch-size", "64"]),
-                                           ("wd0.15", ["--weight-decay", "0.15"]),
-                                           ("warmup5", ["--warmup-epochs", "5"]))
-                       for s in (0, 1)],
+                       for name, extra in OPTIMIZER_SETTINGS for s in (0, 1)],
               "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
-                            for name in ("wd0.01", "bs64", "wd0.15", "warmup5") for s in (0, 1)]},
+                            for name, _ in OPTIMIZER_SETTINGS for s in (0, 1)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
