@@ -52,6 +52,10 @@ LEE_2021 = (("spt", ["--spt", "true"]), ("lsa", ["--lsa", "true"]),
 OPTIMIZER_SETTINGS = (("wd0.01", ["--weight-decay", "0.01"]), ("bs64", ["--batch-size", "64"]),
                       ("wd0.15", ["--weight-decay", "0.15"]), ("warmup5", ["--warmup-epochs", "5"]))
 
+# the batch with the learning rate scaled to it, plan cpu-t (the recipe: 128 at 2e-3)
+SCALED_BATCHES = (("bs256-lr4e-3", ["--batch-size", "256", "--lr", "4e-3"]),
+                  ("bs256-lr3e-3", ["--batch-size", "256", "--lr", "3e-3"]))
+
 
 def G(name: str, args: list[str], seed: int) -> dict:
     """A run of the CPU plans (cpu-g to cpu-k): one seed, scored with TTA, grouped over seeds by name."""
@@ -235,6 +239,15 @@ PLANS: dict[str, dict] = {
                        for name, extra in OPTIMIZER_SETTINGS for s in (0, 1)],
               "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
                             for name, _ in OPTIMIZER_SETTINGS for s in (0, 1)]},
+    # CPU, plan T: the batch and the learning rate scaled together, which plan cpu-r's batch 64
+    # (at the same learning rate) did not: batch 256 at the recipe's 2e-3 scaled linearly (4e-3)
+    # and by the square root (3e-3, rounded), on the same recipe, seeds and pairing as cpu-r.
+    # A bigger batch has half the steps and so half the per-step overheads of XLA:CPU ("Where
+    # the CPU time goes", docs/speed.md): if it trains as well, the same minutes buy more epochs.
+    "cpu-t": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
+                       for name, extra in SCALED_BATCHES for s in (0, 1)],
+              "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
+                            for name, _ in SCALED_BATCHES for s in (0, 1)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
