@@ -244,6 +244,9 @@ PLANS: dict[str, dict] = {
     # and by the square root (3e-3, rounded), on the same recipe, seeds and pairing as cpu-r.
     # A bigger batch has half the steps and so half the per-step overheads of XLA:CPU ("Where
     # the CPU time goes", docs/speed.md): if it trains as well, the same minutes buy more epochs.
+    # Result (2026-12-03): final -5/-4 (4e-3) and -1/-10 (3e-3) images against the recipe's pairs,
+    # with TTA on final weights -2/-3 and 0/-5; and batch 256 trains ~30% fewer images a second
+    # than 128 on this CPU: no gain in either (README, row 20; docs/results/cpu-t.json).
     "cpu-t": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
                        for name, extra in SCALED_BATCHES for s in (0, 1)],
               "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
