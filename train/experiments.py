@@ -62,6 +62,16 @@ def G(name: str, args: list[str], seed: int) -> dict:
     return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
 
 
+def one_change_each(settings: tuple) -> dict:
+    """Plans cpu-r, cpu-t: each (name, options) alone on the 44-epoch patch-7 recipe with its last 4
+    epochs clean, seeds 0 and 1, and each run's TTA on its final weights (a one-member ensemble)."""
+    base = [*E44_ELASTIC17, "--clean-epochs", "4"]
+    return {"runs": [G(f"e44-elastic17-clean4-{name}", [*base, *extra], s)
+                     for name, extra in settings for s in (0, 1)],
+            "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
+                          for name, _ in settings for s in (0, 1)]}
+
+
 PLANS: dict[str, dict] = {
     # Seconds on a CPU: checks the runner itself (used by the tests): two runs, their ensemble
     # labelling test.csv, then a run trained on those pseudo-labels too.
@@ -235,10 +245,7 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-03): final -5/-6, -3/-4, -4/-1, +3/-1 images against the recipe's pairs
     # (wd 0.01, wd 0.15, batch 64, warm-up 5); with TTA on final weights all eight runs 1-3
     # images below: no gain (README, row 19; docs/results/cpu-r.json).
-    "cpu-r": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
-                       for name, extra in OPTIMIZER_SETTINGS for s in (0, 1)],
-              "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
-                            for name, _ in OPTIMIZER_SETTINGS for s in (0, 1)]},
+    "cpu-r": one_change_each(OPTIMIZER_SETTINGS),
     # CPU, plan T: the batch and the learning rate scaled together, which plan cpu-r's batch 64
     # (at the same learning rate) did not: batch 256 at the recipe's 2e-3 scaled linearly (4e-3)
     # and by the square root (3e-3, rounded), on the same recipe, seeds and pairing as cpu-r.
@@ -247,10 +254,7 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-03): final -5/-4 (4e-3) and -1/-10 (3e-3) images against the recipe's pairs,
     # with TTA on final weights -2/-3 and 0/-5; and batch 256 trains ~30% fewer images a second
     # than 128 on this CPU: no gain in either (README, row 20; docs/results/cpu-t.json).
-    "cpu-t": {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], s)
-                       for name, extra in SCALED_BATCHES for s in (0, 1)],
-              "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
-                            for name, _ in SCALED_BATCHES for s in (0, 1)]},
+    "cpu-t": one_change_each(SCALED_BATCHES),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
