@@ -255,6 +255,13 @@ PLANS: dict[str, dict] = {
     # with TTA on final weights -2/-3 and 0/-5; and batch 256 trains ~30% fewer images a second
     # than 128 on this CPU: no gain in either (README, row 20; docs/results/cpu-t.json).
     "cpu-t": one_change_each(SCALED_BATCHES),
+    # CPU, plan U: a third seed for the one change of plan cpu-r not behind on final accuracy
+    # (the 5-epoch warm-up: +3/-1 images final, -1/-1 with TTA on final weights), paired with the
+    # recipe's seed 2 on the same machine (its seeds 0 and 1 there: docs/results/cpu-mixlong.json).
+    "cpu-u": {"runs": [G(f"e44-elastic17-clean4{name}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], 2)
+                       for name, extra in (("", []), ("-warmup5", ["--warmup-epochs", "5"]))],
+              "ensembles": [(f"{name}-s2-tta-final", [f"e44-elastic17-clean4{name}-s2"], True, "final")
+                            for name in ("", "-warmup5")]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
