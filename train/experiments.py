@@ -115,7 +115,7 @@ PLANS: dict[str, dict] = {
             f"{fw}-base-fp32", trainer=fw) for s in (1, 2) for fw in ("flax", "torch")],
     ], "ensembles": []},
     # CPU, part G: elastic distortion and random erasing on top of the `cpu` preset with twice
-    # its epochs and the stronger affine augmentation (README ablation: 99.36%, 99.12% there),
+    # its epochs and the stronger affine augmentation (docs/results.md, the ablation table: 99.36%, 99.12% there),
     # with a baseline of the same code beside them; seeds interleaved so a plan cut short
     # still compares like with like.
     "cpu-g": {"runs": [
@@ -244,7 +244,7 @@ PLANS: dict[str, dict] = {
     # generalize; half the batch doubles the steps at the same learning rate.
     # Result (2026-12-03): final -5/-6, -3/-4, -4/-1, +3/-1 images against the recipe's pairs
     # (wd 0.01, wd 0.15, batch 64, warm-up 5); with TTA on final weights all eight runs 1-3
-    # images below: no gain (README, row 19; docs/results/cpu-r.json).
+    # images below: no gain (docs/results.md, ablation row 19; docs/results/cpu-r.json).
     "cpu-r": one_change_each(OPTIMIZER_SETTINGS),
     # CPU, plan T: the batch and the learning rate scaled together, which plan cpu-r's batch 64
     # (at the same learning rate) did not: batch 256 at the recipe's 2e-3 scaled linearly (4e-3)
@@ -253,7 +253,7 @@ PLANS: dict[str, dict] = {
     # the CPU time goes", docs/speed.md): if it trains as well, the same minutes buy more epochs.
     # Result (2026-12-03): final -5/-4 (4e-3) and -1/-10 (3e-3) images against the recipe's pairs,
     # with TTA on final weights -2/-3 and 0/-5; and batch 256 trains ~30% fewer images a second
-    # than 128 on this CPU: no gain in either (README, row 20; docs/results/cpu-t.json).
+    # than 128 on this CPU: no gain in either (docs/results.md, ablation row 20; docs/results/cpu-t.json).
     "cpu-t": one_change_each(SCALED_BATCHES),
     # CPU, plan U: a third seed for the one change of plan cpu-r not behind on final accuracy
     # (the 5-epoch warm-up: +3/-1 images final, -1/-1 with TTA on final weights), paired with the
