@@ -28,36 +28,50 @@ ALL_CLEAN = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elast
                                 mixup=0.4, cutmix=1.0, clean_epochs=2)
 
 
+class Twins:
+    """Both trainers of `tiny` at patch 4 from the same random weights, and their one data set:
+    200 random images, of which an epoch's order takes 160 (5 steps of 32)."""
+
+    steps_per_epoch = 5
+
+    def __init__(self, recipe):
+        config = preset("tiny", patch_size=4)
+        self.canonical = W.random_canonical(config, 0, scale=0.05)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (200, 28, 28)).astype(np.uint8)
+        labels = rng.integers(0, 10, 200).astype(np.int32)
+        order = rng.permutation(200)[:160].astype(np.int32)
+
+        tx = jt.make_optimizer(recipe, self.steps_per_epoch)
+        self.state = jt.create_state(config, recipe, tx, 0)
+        self.state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(self.canonical, config))
+        self.state["opt_state"] = tx.init(self.state["params"])
+        self.state["ema"] = jax.tree_util.tree_map(jnp.copy, self.state["params"])
+        self.flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, self.steps_per_epoch, 0)
+        self.flax_data = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order)
+
+        self.model = TorchViT(config)
+        self.model.load_state_dict(W.canonical_to_torch(self.canonical, config))
+        self.trainer = tt.Trainer(self.model, recipe, self.steps_per_epoch, 0)
+        self.torch_data = (torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                           torch.from_numpy(order.astype(np.int64)))
+
+    def step(self, step: int) -> None:
+        """Training step `step` of both trainers: batch `step % 5` of the epoch's order."""
+        i = step % self.steps_per_epoch
+        self.state = self.flax_step(self.state, *self.flax_data, np.int32(i), np.int32(step))
+        images, labels, order = self.torch_data
+        self.trainer.train_step(images, labels, order[i * 32:(i + 1) * 32], step)
+
+
 @pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN], ids=["no-augmentation", "all-clean-epochs"])
 def test_ten_training_steps_agree_between_the_trainers(recipe):
-    config = preset("tiny", patch_size=4)
-    steps_per_epoch = 5
-    canonical = W.random_canonical(config, 0, scale=0.05)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (200, 28, 28)).astype(np.uint8)
-    labels = rng.integers(0, 10, 200).astype(np.int32)
-    order = rng.permutation(200)[:160].astype(np.int32)
-
-    tx = jt.make_optimizer(recipe, steps_per_epoch)
-    state = jt.create_state(config, recipe, tx, 0)
-    state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
-    state["opt_state"] = tx.init(state["params"])
-    state["ema"] = jax.tree_util.tree_map(jnp.copy, state["params"])
-    flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
-
-    model = TorchViT(config)
-    model.load_state_dict(W.canonical_to_torch(canonical, config))
-    trainer = tt.Trainer(model, recipe, steps_per_epoch, 0)
-    t_images, t_labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-    t_order = torch.from_numpy(order.astype(np.int64))
-
+    twins = Twins(recipe)
     for step in range(10):
-        i = step % steps_per_epoch
-        state = flax_step(state, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order),
-                          np.int32(i), np.int32(step))
-        trainer.train_step(t_images, t_labels, t_order[i * 32:(i + 1) * 32], step)
+        twins.step(step)
+    canonical, state, trainer = twins.canonical, twins.state, twins.trainer
     flax_w = W.flax_to_canonical(jax.device_get(state["params"]))
-    torch_w = W.torch_to_canonical(model.state_dict())
+    torch_w = W.torch_to_canonical(twins.model.state_dict())
     moved = max(np.abs(flax_w[n] - canonical[n]).max() for n in canonical)
     diff = max(np.abs(flax_w[n] - torch_w[n]).max() for n in canonical)
     assert moved > 1e-3, "the steps did not move the weights"
@@ -174,28 +188,9 @@ def test_the_schedule_of_both_trainers_is_the_same():
 
 def _one_step_losses(recipe, step):
     """The training loss of step `step` of each trainer, from the same weights and batch."""
-    config = preset("tiny", patch_size=4)
-    steps_per_epoch = 5
-    canonical = W.random_canonical(config, 0, scale=0.05)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (200, 28, 28)).astype(np.uint8)
-    labels = rng.integers(0, 10, 200).astype(np.int32)
-    order = rng.permutation(200)[:160].astype(np.int32)
-    i = step % steps_per_epoch
-
-    tx = jt.make_optimizer(recipe, steps_per_epoch)
-    state = jt.create_state(config, recipe, tx, 0)
-    state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
-    train_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, steps_per_epoch, 0)
-    state = train_step(state, jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order),
-                       np.int32(i), np.int32(step))
-
-    model = TorchViT(config)
-    model.load_state_dict(W.canonical_to_torch(canonical, config))
-    trainer = tt.Trainer(model, recipe, steps_per_epoch, 0)
-    trainer.train_step(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
-                       torch.from_numpy(order[i * 32:(i + 1) * 32].astype(np.int64)), step)
-    return float(state["totals"][0]), float(trainer.totals[0])
+    twins = Twins(recipe)
+    twins.step(step)
+    return float(twins.state["totals"][0]), float(twins.trainer.totals[0])
 
 
 def test_clean_epochs_train_on_the_images_as_they_are_in_both_trainers():
