@@ -261,6 +261,9 @@ PLANS: dict[str, dict] = {
     # CPU, plan U: a third seed for the one change of plan cpu-r not behind on final accuracy
     # (the 5-epoch warm-up: +3/-1 images final, -1/-1 with TTA on final weights), paired with the
     # recipe's seed 2 on the same machine (its seeds 0 and 1 there: docs/results/cpu-mixlong.json).
+    # Result (2026-12-03): seed 2 +8 images final (99.38% against the recipe's low 99.19%), +1 with
+    # TTA; over seeds 0-2 final 99.40% +- 0.05 against 99.32% +- 0.11, with TTA 99.40% against
+    # 99.41%: within the noise and gone with TTA (docs/results.md, ablation row 21; cpu-u.json).
     "cpu-u": {"runs": [G(f"e44-elastic17-clean4{suffix}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], 2)
                        for _, suffix, extra in WARMUP_PAIR],
               "ensembles": [(f"{name}-s2-tta-final", [f"e44-elastic17-clean4{suffix}-s2"], True, "final")
