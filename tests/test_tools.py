@@ -1,5 +1,6 @@
 """The benchmark, ensemble and experiment commands, run for real at tiny sizes."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -66,6 +67,15 @@ def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
                           env=env(), timeout=120)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
+def test_bench_timm_modes_need_timm_and_say_so(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), "--modes",
+                           "flax-fp32,timm-compile-bf16", "--out", str(tmp_path / "bench")],
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and "timm is not installed (pip install timm)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bench").exists()
 
 
 def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):

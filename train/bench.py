@@ -17,6 +17,7 @@ autocast).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -36,6 +37,9 @@ from train.common import UsageError, add_config_options, config_from_options
 
 MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
          "torch-compile-fp32", "torch-compile-bf16"]
+# timm's VisionTransformer at the same config, the speed issue's reference (PyTorch, bf16 autocast);
+# asked for by name only: timm is not a dependency of this project.
+REFERENCE_MODES = ["timm-eager-bf16", "timm-compile-bf16"]
 # Dense peak TFLOP/s by device name fragment: (fp32 non-tensor-core, bf16 tensor core).
 PEAKS = {"H100 80GB HBM3": (66.9, 989.4), "H100 PCIe": (51.2, 756.0), "H200": (66.9, 989.4),
          "A100": (19.5, 312.0)}
@@ -136,8 +140,22 @@ def bench_flax(config: ViTConfig, batch: int, bf16: bool, warmup: int, steps: in
 
 
 # ---- PyTorch -------------------------------------------------------------------------------
-def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed: int = 0):
-    """-> (one_train, one_infer, sync), the twin of flax_steps."""
+def timm_vit(config: ViTConfig):
+    """timm's VisionTransformer built to the same config (class token, learned position table,
+    pre-norm blocks): what the issue's reference numbers were measured on."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=(config.image_height, config.image_width),
+                             patch_size=config.patch_size, in_chans=config.channels,
+                             num_classes=config.num_classes, embed_dim=config.width,
+                             depth=config.depth, num_heads=config.num_heads,
+                             mlp_ratio=config.mlp_ratio, drop_path_rate=config.drop_path)
+
+
+def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed: int = 0,
+                timm: bool = False):
+    """-> (one_train, one_infer, sync), the twin of flax_steps. timm: time timm's ViT instead of
+    ours, with AdamW decaying its matrices as ours does."""
     import torch
     import torch.nn.functional as F
 
@@ -148,8 +166,15 @@ def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(seed)
-    model = ViT(config).to(device)
-    opt = tt.make_optimizer(model, Recipe())
+    model = (timm_vit(config) if timm else ViT(config)).to(device)
+    if timm:
+        named = list(model.named_parameters())
+        opt = torch.optim.AdamW([{"params": [p for n, p in named if p.ndim == 2 and "pos_embed" not in n],
+                                  "weight_decay": Recipe().weight_decay},
+                                 {"params": [p for n, p in named if p.ndim != 2 or "pos_embed" in n],
+                                  "weight_decay": 0.0}], lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    else:
+        opt = tt.make_optimizer(model, Recipe())
     for g in opt.param_groups:
         g["lr"] = 1e-4
     forward = torch.compile(model) if compiled else model
@@ -184,8 +209,8 @@ def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed:
 
 
 def bench_torch(config: ViTConfig, batch: int, bf16: bool, compiled: bool, warmup: int,
-                steps: int, seed: int = 0):
-    one_train, one_infer, sync = torch_steps(config, batch, bf16, compiled, seed)
+                steps: int, seed: int = 0, timm: bool = False):
+    one_train, one_infer, sync = torch_steps(config, batch, bf16, compiled, seed, timm)
     return run_timed(one_train, sync, warmup, steps), run_timed(one_infer, sync, warmup, steps)
 
 
@@ -304,7 +329,11 @@ def worker(args) -> list[dict]:
                                   devices=devices, attention=args.flax_attention)
     else:
         train, infer = bench_torch(config, args.batch_size, bf16, "compile" in mode,
-                                   args.warmup, args.steps)
+                                   args.warmup, args.steps, timm=mode.startswith("timm"))
+        if mode.startswith("timm"):
+            from importlib.metadata import version
+
+            env["timm"] = version("timm")
     fpi = flops_per_image(config)
     rows = []
     for kind, (first, times), flops in (("train", train, 3 * fpi), ("inference", infer, fpi)):
@@ -341,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated subset of " + ",".join(MODES + REFERENCE_MODES))
     p.add_argument("--patchify-batches", type=batch_list, default="64,1024,8192",
                    help="batch sizes of the patchify timings ('' for none)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
@@ -362,10 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES + REFERENCE_MODES]
+    if any(m in REFERENCE_MODES for m in modes) and importlib.util.find_spec("timm") is None:
+        print("error: the timm-* modes time timm's ViT, and timm is not installed "
+              "(pip install timm)", file=sys.stderr)
+        return 2
     if unknown or args.batch_size < 1 or args.steps < 1 or args.cpu_devices < 1 or \
             args.warmup < 0 or args.batch_size % args.cpu_devices:
-        print(f"error: unknown mode(s) {unknown}; choose from {MODES}" if unknown
+        print(f"error: unknown mode(s) {unknown}; choose from {MODES + REFERENCE_MODES}" if unknown
               else "error: --batch-size, --steps and --cpu-devices must be >= 1, --warmup >= 0, "
                    "and the batch must split evenly over the CPU devices", file=sys.stderr)
         return 2

@@ -283,6 +283,21 @@ PLANS: dict[str, dict] = {
         R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--tta",
                                      "--no-plots"], "kaggle-elastic17") for s in (0, 1, 2)
     ], "ensembles": [("ens3-tta-final", [f"kaggle-elastic17-s{s}" for s in (0, 1, 2)], True, "final")]},
+    # GPU, part J (the H200 of 2026-12-04, PART=j): a larger patch-4 model, the one change the
+    # ablation could not afford on a CPU: the `kaggle` model at width 384 (6 heads of 64, ~10.7M
+    # parameters, the size of mnistvit's 99.65% ViT) against width 192, both at 60 epochs, seeds 0
+    # and 1, each scored with TTA; and the twins' bf16 gap on `base` (plan gpu-d: PyTorch 99.26%,
+    # Flax 99.08%) measured again after the Flax bias-gradient fix, seeds 1 and 2 of each. The
+    # long runs come first so that four at a time end together.
+    "gpu-j": {"runs": [
+        *[R(f"kaggle-e60-w384-s{s}", ["--preset", "kaggle", "--epochs", "60", "--width", "384",
+                                      "--num-heads", "6", "--seed", str(s), "--tta", "--no-plots"],
+            "kaggle-e60-w384") for s in (0, 1)],
+        *[R(f"{fw}-base-s{s}", ["--preset", "base", "--seed", str(s), "--no-plots"], f"{fw}-base",
+            trainer=fw) for s in (1, 2) for fw in ("flax", "torch")],
+        *[R(f"kaggle-e60-s{s}", ["--preset", "kaggle", "--epochs", "60", "--seed", str(s), "--tta",
+                                 "--no-plots"], "kaggle-e60") for s in (0, 1)],
+    ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
     "gpu-f": {"runs": [

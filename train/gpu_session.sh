@@ -15,6 +15,10 @@
 #           began computing in bf16 as under autocast (not yet run):
 #           the bf16 step's speed (Flax beside torch.compile), then the Flax `base` runs of plan
 #           gpu-d in bf16, seeds 0-2, 2 at a time: does the Flax twin now reach PyTorch's 99.26%?
+#   PART=j: (an H200, 2026-12-04) the bf16 train step of Flax, our PyTorch twin and timm's ViT
+#           (eager and compiled) in one session, then plan gpu-j (width 384 against 192 on the
+#           `kaggle` recipe at 60 epochs; the twins' bf16 gap on `base`), four runs at a time, cut
+#           at a deadline; everything packed into $OUT/part-j.tar.gz
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
@@ -69,6 +73,28 @@ if [ "$PART" = f ]; then
   cp "$R/exp/results.json" "$R/results-pair.json" 2>/dev/null
   mv "$R/profile/flax.trace.json.gz" "$OUT/" 2>/dev/null  # apart: it may be large
   tar czf "$OUT/part-f.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission.csv' .
+  stamp "packed"
+  exit 0
+fi
+if [ "$PART" = j ]; then
+  BUDGET=${BUDGET:-500}  # seconds for the whole part
+  if [ "${SMOKE:-0}" = 1 ]; then JB=(--preset tiny --batch-size 32 --steps 3 --device cpu)
+    JX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"; TORCH=torch-eager-bf16
+  else JB=(--preset base --batch-size 1024 --steps 20); JX=""; TORCH=torch-eager-bf16,torch-compile-bf16; fi
+  R="$WORK/j"; mkdir -p "$R"
+  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-j.txt"; }
+  nvidia-smi > "$R/nvidia-smi-before.txt" 2>&1
+  timeout 150 python train/bench.py "${JB[@]}" --modes "flax-bf16,$TORCH" --patchify-batches "" \
+    --out "$R/bench" > "$R/bench.log" 2>&1; stamp "bench rc $?"
+  timeout 100 python train/bench.py "${JB[@]}" --modes timm-eager-bf16,timm-compile-bf16 \
+    --patchify-batches "" --out "$R/bench-timm" > "$R/bench-timm.log" 2>&1; stamp "bench timm rc $?"
+  cp "$R/bench/bench.md" "$OUT/bench.md" 2>/dev/null; cp "$R/bench-timm/bench.md" "$OUT/bench-timm.md" 2>/dev/null
+  LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))  # keep 25 s to pack
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-j --data "$DATA" \
+    --out "$R/exp" --extra="$JX" --jobs 4 --deadline $LEFT > "$R/exp.log" 2>&1
+  stamp "experiments rc $? (deadline $LEFT s)"
+  cp "$R/exp/results.json" "$OUT/results-j.json" 2>/dev/null
+  tar czf "$OUT/part-j.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
   stamp "packed"
   exit 0
 fi
