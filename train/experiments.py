@@ -298,6 +298,17 @@ PLANS: dict[str, dict] = {
         *[R(f"kaggle-e60-s{s}", ["--preset", "kaggle", "--epochs", "60", "--seed", str(s), "--tta",
                                  "--no-plots"], "kaggle-e60") for s in (0, 1)],
     ], "ensembles": []},
+    # GPU, part K (the same H200 session, PART=k): width 384 ended far below width 192 in plan
+    # gpu-j (98.02/98.71% against 99.17/99.36%) with a higher training loss throughout: is its
+    # learning rate (the recipe's 1e-3) too high for it? Seed 0 at 5e-4 and 3e-4, and width 192
+    # at 5e-4 to tell a lower rate's effect from the width's.
+    "gpu-k": {"runs": [
+        *[R(f"kaggle-e60-w384-lr{lr}-s0", ["--preset", "kaggle", "--epochs", "60", "--width", "384",
+                                           "--num-heads", "6", "--lr", lr, "--tta", "--no-plots"],
+            f"kaggle-e60-w384-lr{lr}") for lr in ("5e-4", "3e-4")],
+        R("kaggle-e60-lr5e-4-s0", ["--preset", "kaggle", "--epochs", "60", "--lr", "5e-4", "--tta",
+                                   "--no-plots"], "kaggle-e60-lr5e-4"),
+    ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
     "gpu-f": {"runs": [

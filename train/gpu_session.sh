@@ -19,6 +19,7 @@
 #           (eager and compiled) in one session, then plan gpu-j (width 384 against 192 on the
 #           `kaggle` recipe at 60 epochs; the twins' bf16 gap on `base`), four runs at a time, cut
 #           at a deadline; everything packed into $OUT/part-j.tar.gz
+#   PART=k: plan gpu-k (width 384 at lower learning rates), three runs at once, cut at a deadline
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
@@ -96,6 +97,16 @@ if [ "$PART" = j ]; then
   cp "$R/exp/results.json" "$OUT/results-j.json" 2>/dev/null
   tar czf "$OUT/part-j.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
   stamp "packed"
+  exit 0
+fi
+if [ "$PART" = k ]; then
+  BUDGET=${BUDGET:-250}
+  if [ "${SMOKE:-0}" = 1 ]; then KX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"; else KX=""; fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-k --data "$DATA" \
+    --out "$WORK/k" --extra="$KX" --jobs 3 --deadline $(( BUDGET - 20 )) > "$OUT/experiments-k.log" 2>&1
+  echo "experiments rc $? after $(( $(date +%s) - T0 )) s" >> "$OUT/env-$PART.txt"
+  cp "$WORK/k/results.json" "$OUT/results-k.json" 2>/dev/null
+  tar czf "$OUT/part-k.tar.gz" -C "$WORK/k" --exclude='*.safetensors' --exclude='submission*.csv' .
   exit 0
 fi
 if [ "$PART" = h ]; then
