@@ -8,6 +8,8 @@ times the train step (forward + backward + AdamW update) and inference, after wa
 synchronizing the device before every clock read; the first (compiling) call is reported
 apart. It also times patchify, the naive loop against the vectorized reshape, after checking
 that they agree. Writes bench.json (one row per measurement), bench.md and bench.png.
+With timm installed, `--modes timm-eager-bf16,timm-compile-bf16` times timm's VisionTransformer
+at the same config the same way: the speed issue's reference, measured beside the twins.
 
 "fp32" means float32 matmuls on both sides (JAX precision 'highest', torch 'highest', no
 TF32); "bf16" means bfloat16 compute with float32 weights (Flax: module dtype; PyTorch:

@@ -283,7 +283,10 @@ PLANS: dict[str, dict] = {
         R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--tta",
                                      "--no-plots"], "kaggle-elastic17") for s in (0, 1, 2)
     ], "ensembles": [("ens3-tta-final", [f"kaggle-elastic17-s{s}" for s in (0, 1, 2)], True, "final")]},
-    # GPU, part J (the H200 of 2026-12-04, PART=j): a larger patch-4 model, the one change the
+    # GPU, part J (the H200 of 2026-12-04, PART=j; docs/results/gpu-j.json, rows 22): width 384
+    # underfit at the recipe's rate, 98.02/98.71% against 99.17/99.36%; the twins in bf16 ended
+    # Flax 99.08%, PyTorch 98.99%: the H100's PyTorch lead did not come back.
+    # A larger patch-4 model, the one change the
     # ablation could not afford on a CPU: the `kaggle` model at width 384 (6 heads of 64, ~10.7M
     # parameters, the size of mnistvit's 99.65% ViT) against width 192, both at 60 epochs, seeds 0
     # and 1, each scored with TTA; and the twins' bf16 gap on `base` (plan gpu-d: PyTorch 99.26%,
@@ -298,7 +301,9 @@ PLANS: dict[str, dict] = {
         *[R(f"kaggle-e60-s{s}", ["--preset", "kaggle", "--epochs", "60", "--seed", str(s), "--tta",
                                  "--no-plots"], "kaggle-e60") for s in (0, 1)],
     ], "ensembles": []},
-    # GPU, part K (the same H200 session, PART=k): width 384 ended far below width 192 in plan
+    # GPU, part K (the same H200 session, PART=k; docs/results/gpu-j.json): at 3e-4 width 384
+    # ended at 99.33% (5e-4: 99.10%; width 192 at 5e-4: 99.29%), level with width 192.
+    # Width 384 ended far below width 192 in plan
     # gpu-j (98.02/98.71% against 99.17/99.36%) with a higher training loss throughout: is its
     # learning rate (the recipe's 1e-3) too high for it? Seed 0 at 5e-4 and 3e-4, and width 192
     # at 5e-4 to tell a lower rate's effect from the width's.

@@ -12,7 +12,7 @@
 #           those runs filled (killed after 40 s: its first epochs time a warm start-up);
 #           everything packed into $OUT/part-h.tar.gz
 #   PART=i: after jaxvit's Dense began summing bias gradients in float32 in bf16 and its head
-#           began computing in bf16 as under autocast (not yet run):
+#           began computing in bf16 as under autocast (not run; PART=j asked the same questions):
 #           the bf16 step's speed (Flax beside torch.compile), then the Flax `base` runs of plan
 #           gpu-d in bf16, seeds 0-2, 2 at a time: does the Flax twin now reach PyTorch's 99.26%?
 #   PART=j: (an H200, 2026-12-04) the bf16 train step of Flax, our PyTorch twin and timm's ViT
