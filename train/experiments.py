@@ -269,9 +269,10 @@ PLANS: dict[str, dict] = {
               "ensembles": [(f"{name}-s2-tta-final", [f"e44-elastic17-clean4{suffix}-s2"], True, "final")
                             for name, suffix, _ in WARMUP_PAIR]},
     # CPU, plan V (2026-12-04, docs/results/cpu-v.json, row 23: no gain; final 99.29/99.48% against
-    # 99.38/99.38%, with TTA 99.38/99.50% against 99.43/99.43%, at 2.2x the time): a wider model, the one size the ablation had not varied on a CPU recipe (the
-    # width went 64 -> 96 with the EMA for the `cpu` preset; a 4x MLP and 6 blocks, plan cpu-j,
-    # gained nothing on one seed): width 128 (4 heads of 32) on the same recipe, seeds and
+    # 99.38/99.38%, with TTA 99.38/99.50% against 99.43/99.43%, at 2.2x the time): a wider
+    # model, the one size the ablation had not varied on a CPU recipe (the width went 64 -> 96
+    # with the EMA for the `cpu` preset; a 4x MLP and 6 blocks, plan cpu-j, gained nothing on
+    # one seed): width 128 (4 heads of 32) on the same recipe, seeds and
     # pairing as cpu-r. These models end training below their validation accuracy under
     # augmentation, so more capacity may let them fit more; it costs about 1.8x a step.
     "cpu-v": one_change_each((("w128", ["--width", "128"]),)),
