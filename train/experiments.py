@@ -28,6 +28,9 @@ NO_AUG = ["--rotate", "0", "--translate", "0", "--scale", "0"]
 STRONG_AUG = ["--rotate", "15", "--translate", "3", "--scale", "0.15"]
 # the `kaggle` recipe as it was for plan gpu-c (now 120 epochs with STRONG_AUG)
 KAGGLE_60 = ["--epochs", "60", "--rotate", "10", "--translate", "2", "--scale", "0.1"]
+# the `kaggle` preset of now at half its epochs, scored with TTA (plans gpu-j, gpu-k)
+KAGGLE_E60_TTA = ["--preset", "kaggle", "--epochs", "60", "--tta", "--no-plots"]
+W384 = ["--width", "384", "--num-heads", "6"]
 
 
 def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax") -> dict:
@@ -295,13 +298,11 @@ PLANS: dict[str, dict] = {
     # Flax 99.08%) measured again after the Flax bias-gradient fix, seeds 1 and 2 of each. The
     # long runs come first so that four at a time end together.
     "gpu-j": {"runs": [
-        *[R(f"kaggle-e60-w384-s{s}", ["--preset", "kaggle", "--epochs", "60", "--width", "384",
-                                      "--num-heads", "6", "--seed", str(s), "--tta", "--no-plots"],
-            "kaggle-e60-w384") for s in (0, 1)],
+        *[R(f"kaggle-e60-w384-s{s}", [*KAGGLE_E60_TTA, *W384, "--seed", str(s)], "kaggle-e60-w384")
+          for s in (0, 1)],
         *[R(f"{fw}-base-s{s}", ["--preset", "base", "--seed", str(s), "--no-plots"], f"{fw}-base",
             trainer=fw) for s in (1, 2) for fw in ("flax", "torch")],
-        *[R(f"kaggle-e60-s{s}", ["--preset", "kaggle", "--epochs", "60", "--seed", str(s), "--tta",
-                                 "--no-plots"], "kaggle-e60") for s in (0, 1)],
+        *[R(f"kaggle-e60-s{s}", [*KAGGLE_E60_TTA, "--seed", str(s)], "kaggle-e60") for s in (0, 1)],
     ], "ensembles": []},
     # GPU, part K (the same H200 session, PART=k; docs/results/gpu-j.json): at 3e-4 width 384
     # ended at 99.33% (5e-4: 99.10%; width 192 at 5e-4: 99.29%), level with width 192.
@@ -310,11 +311,9 @@ PLANS: dict[str, dict] = {
     # learning rate (the recipe's 1e-3) too high for it? Seed 0 at 5e-4 and 3e-4, and width 192
     # at 5e-4 to tell a lower rate's effect from the width's.
     "gpu-k": {"runs": [
-        *[R(f"kaggle-e60-w384-lr{lr}-s0", ["--preset", "kaggle", "--epochs", "60", "--width", "384",
-                                           "--num-heads", "6", "--lr", lr, "--tta", "--no-plots"],
-            f"kaggle-e60-w384-lr{lr}") for lr in ("5e-4", "3e-4")],
-        R("kaggle-e60-lr5e-4-s0", ["--preset", "kaggle", "--epochs", "60", "--lr", "5e-4", "--tta",
-                                   "--no-plots"], "kaggle-e60-lr5e-4"),
+        *[R(f"kaggle-e60-w384-lr{lr}-s0", [*KAGGLE_E60_TTA, *W384, "--lr", lr], f"kaggle-e60-w384-lr{lr}")
+          for lr in ("5e-4", "3e-4")],
+        R("kaggle-e60-lr5e-4-s0", [*KAGGLE_E60_TTA, "--lr", "5e-4"], "kaggle-e60-lr5e-4"),
     ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
