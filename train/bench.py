@@ -169,12 +169,12 @@ def torch_steps(config: ViTConfig, batch: int, bf16: bool, compiled: bool, seed:
     torch.set_float32_matmul_precision("highest")
     torch.manual_seed(seed)
     model = (timm_vit(config) if timm else ViT(config)).to(device)
-    if timm:
-        named = list(model.named_parameters())
-        opt = torch.optim.AdamW([{"params": [p for n, p in named if p.ndim == 2 and "pos_embed" not in n],
+    if timm:  # timm's position table and class token are 3-D: only its linear layers decay
+        params = list(model.parameters())
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim == 2],
                                   "weight_decay": Recipe().weight_decay},
-                                 {"params": [p for n, p in named if p.ndim != 2 or "pos_embed" in n],
-                                  "weight_decay": 0.0}], lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+                                 {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0}],
+                                lr=0.0, betas=(0.9, 0.999), eps=1e-8)
     else:
         opt = tt.make_optimizer(model, Recipe())
     for g in opt.param_groups:

@@ -271,13 +271,13 @@ PLANS: dict[str, dict] = {
                        for _, suffix, extra in WARMUP_PAIR],
               "ensembles": [(f"{name}-s2-tta-final", [f"e44-elastic17-clean4{suffix}-s2"], True, "final")
                             for name, suffix, _ in WARMUP_PAIR]},
-    # CPU, plan V (2026-12-04, docs/results/cpu-v.json, row 23: no gain; final 99.29/99.48% against
-    # 99.38/99.38%, with TTA 99.38/99.50% against 99.43/99.43%, at 2.2x the time): a wider
-    # model, the one size the ablation had not varied on a CPU recipe (the width went 64 -> 96
-    # with the EMA for the `cpu` preset; a 4x MLP and 6 blocks, plan cpu-j, gained nothing on
-    # one seed): width 128 (4 heads of 32) on the same recipe, seeds and
+    # CPU, plan V: a wider model, the one size the ablation had not varied on a CPU recipe (the
+    # width went 64 -> 96 with the EMA for the `cpu` preset; a 4x MLP and 6 blocks, plan cpu-j,
+    # gained nothing on one seed): width 128 (4 heads of 32) on the same recipe, seeds and
     # pairing as cpu-r. These models end training below their validation accuracy under
     # augmentation, so more capacity may let them fit more; it costs about 1.8x a step.
+    # Result (2026-12-04, docs/results/cpu-v.json, row 23): no gain; final 99.29/99.48% against
+    # 99.38/99.38%, with TTA 99.38/99.50% against 99.43/99.43%, at 2.2x the time.
     "cpu-v": one_change_each((("w128", ["--width", "128"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
@@ -288,15 +288,14 @@ PLANS: dict[str, dict] = {
         R(f"kaggle-elastic17-s{s}", ["--preset", "kaggle", "--elastic", "17", "--seed", str(s), "--tta",
                                      "--no-plots"], "kaggle-elastic17") for s in (0, 1, 2)
     ], "ensembles": [("ens3-tta-final", [f"kaggle-elastic17-s{s}" for s in (0, 1, 2)], True, "final")]},
-    # GPU, part J (the H200 of 2026-12-04, PART=j; docs/results/gpu-j.json, rows 22): width 384
-    # underfit at the recipe's rate, 98.02/98.71% against 99.17/99.36%; the twins in bf16 ended
-    # Flax 99.08%, PyTorch 98.99%: the H100's PyTorch lead did not come back.
-    # A larger patch-4 model, the one change the
-    # ablation could not afford on a CPU: the `kaggle` model at width 384 (6 heads of 64, ~10.7M
-    # parameters, the size of mnistvit's 99.65% ViT) against width 192, both at 60 epochs, seeds 0
-    # and 1, each scored with TTA; and the twins' bf16 gap on `base` (plan gpu-d: PyTorch 99.26%,
-    # Flax 99.08%) measured again after the Flax bias-gradient fix, seeds 1 and 2 of each. The
-    # long runs come first so that four at a time end together.
+    # GPU, part J (the H200 of 2026-12-04, PART=j; docs/results/gpu-j.json, rows 22): a larger
+    # patch-4 model, the one change the ablation could not afford on a CPU: the `kaggle` model at
+    # width 384 (6 heads of 64, ~10.7M parameters, the size of mnistvit's 99.65% ViT) against
+    # width 192, both at 60 epochs, seeds 0 and 1, each scored with TTA; and the twins' bf16 gap
+    # on `base` (plan gpu-d: PyTorch 99.26%, Flax 99.08%) measured again after the Flax
+    # bias-gradient fix, seeds 1 and 2 of each. The long runs come first so that four at a time
+    # end together. Result: width 384 underfit at the recipe's rate, 98.02/98.71% against
+    # 99.17/99.36%; the twins ended Flax 99.08%, PyTorch 98.99%: the PyTorch lead did not come back.
     "gpu-j": {"runs": [
         *[R(f"kaggle-e60-w384-s{s}", [*KAGGLE_E60_TTA, *W384, "--seed", str(s)], "kaggle-e60-w384")
           for s in (0, 1)],
@@ -304,12 +303,11 @@ PLANS: dict[str, dict] = {
             trainer=fw) for s in (1, 2) for fw in ("flax", "torch")],
         *[R(f"kaggle-e60-s{s}", [*KAGGLE_E60_TTA, "--seed", str(s)], "kaggle-e60") for s in (0, 1)],
     ], "ensembles": []},
-    # GPU, part K (the same H200 session, PART=k; docs/results/gpu-j.json): at 3e-4 width 384
-    # ended at 99.33% (5e-4: 99.10%; width 192 at 5e-4: 99.29%), level with width 192.
-    # Width 384 ended far below width 192 in plan
-    # gpu-j (98.02/98.71% against 99.17/99.36%) with a higher training loss throughout: is its
-    # learning rate (the recipe's 1e-3) too high for it? Seed 0 at 5e-4 and 3e-4, and width 192
-    # at 5e-4 to tell a lower rate's effect from the width's.
+    # GPU, part K (the same H200 session, PART=k; docs/results/gpu-j.json): width 384 ended far
+    # below width 192 in plan gpu-j with a higher training loss throughout: is its learning rate
+    # (the recipe's 1e-3) too high for it? Seed 0 at 5e-4 and 3e-4, and width 192 at 5e-4 to
+    # tell a lower rate's effect from the width's. Result: at 3e-4 width 384 ended at 99.33%
+    # (5e-4: 99.10%; width 192 at 5e-4: 99.29%), level with width 192.
     "gpu-k": {"runs": [
         *[R(f"kaggle-e60-w384-lr{lr}-s0", [*KAGGLE_E60_TTA, *W384, "--lr", lr], f"kaggle-e60-w384-lr{lr}")
           for lr in ("5e-4", "3e-4")],
