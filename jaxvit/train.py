@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxvit.model import ViT
+from jaxvit.model import ViT, init_params
 from parity.config import ViTConfig
 from train.common import augmented_steps, augments, mixes, schedule_steps
 
@@ -43,8 +43,7 @@ def make_optimizer(recipe, steps_per_epoch: int) -> optax.GradientTransformation
 
 
 def create_state(config: ViTConfig, recipe, tx: optax.GradientTransformation, seed: int) -> State:
-    images = jnp.zeros((1, config.image_height, config.image_width, config.channels))
-    params = ViT(config).init(jax.random.PRNGKey(seed), images)["params"]
+    params = init_params(config, seed)
     state = {"params": params, "opt_state": tx.init(params),
              "totals": jnp.zeros(3, jnp.float32)}  # (loss sum, correct, count) of the epoch
     if recipe.ema_decay > 0:

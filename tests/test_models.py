@@ -78,6 +78,17 @@ def test_fresh_inits_have_the_canonical_names_and_shapes_in_both_frameworks():
         W.check(W.torch_to_canonical(tm.ViT(c).state_dict()), c)
 
 
+@pytest.mark.parametrize("name", ["tiny-cls-learned", "p4-cls-lsa-spt-c3"])
+def test_flax_init_without_the_forward_pass_gives_init_s_values_to_the_bit(name):
+    # init_params runs the initializers only (lazy_init); a seed's weights stay what they were
+    c = CONFIGS[name]
+    eager = jm.ViT(c).init(jax.random.PRNGKey(3), jnp.zeros((1, *_x(c).shape[1:])))["params"]
+    lazy = jm.init_params(c, 3)
+    assert jax.tree_util.tree_structure(lazy) == jax.tree_util.tree_structure(eager)
+    for a, b in zip(jax.tree_util.tree_leaves(lazy), jax.tree_util.tree_leaves(eager), strict=True):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype and bool((a == b).all())
+
+
 def test_flax_jit_and_eager_agree():
     c = CONFIGS["p4-gap-sincos2d-nonsquare"]
     model = jm.ViT(c)
