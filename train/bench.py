@@ -8,8 +8,9 @@ times the train step (forward + backward + AdamW update) and inference, after wa
 synchronizing the device before every clock read; the first (compiling) call is reported
 apart. It also times patchify, the naive loop against the vectorized reshape, after checking
 that they agree. Writes bench.json (one row per measurement), bench.md and bench.png.
-With timm installed, `--modes timm-eager-bf16,timm-compile-bf16` times timm's VisionTransformer
-at the same config the same way: the speed issue's reference, measured beside the twins.
+With timm installed, the modes timm-eager-fp32, timm-eager-bf16, timm-compile-fp32 and
+timm-compile-bf16 time timm's VisionTransformer at the same config the same way: the speed
+issue's reference, measured beside the twins.
 
 "fp32" means float32 matmuls on both sides (JAX precision 'highest', torch 'highest', no
 TF32); "bf16" means bfloat16 compute with float32 weights (Flax: module dtype; PyTorch:
@@ -41,7 +42,7 @@ MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
          "torch-compile-fp32", "torch-compile-bf16"]
 # timm's VisionTransformer at the same config, the speed issue's reference (PyTorch, bf16 autocast);
 # asked for by name only: timm is not a dependency of this project.
-REFERENCE_MODES = ["timm-eager-bf16", "timm-compile-bf16"]
+REFERENCE_MODES = ["timm-eager-fp32", "timm-eager-bf16", "timm-compile-fp32", "timm-compile-bf16"]
 # Dense peak TFLOP/s by device name fragment: (fp32 non-tensor-core, bf16 tensor core).
 PEAKS = {"H100 80GB HBM3": (66.9, 989.4), "H100 PCIe": (51.2, 756.0), "H200": (66.9, 989.4),
          "A100": (19.5, 312.0)}
