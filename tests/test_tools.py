@@ -330,6 +330,45 @@ def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
     assert phases["forward"] == 1.5 and phases["backward"] == 1.0
 
 
+def test_profile_names_pytorch_gpu_kernels_by_class_eager_and_compiled():
+    # eager ATen kernels and torch.compile's Triton kernels (named after the operators they fuse)
+    from train.profile_step import kernel_class
+
+    expected = {
+        "triton_per_fused_native_layer_norm_0": "reductions",
+        "triton_red_fused_sum_7": "reductions",
+        "triton_poi_fused__to_copy_add_mul_4": "elementwise",
+        "triton_poi_fused_clone_permute_12": "layout",
+        "nvjet_sm90_tss_192x96_64x5_1x2_h_bz_NTT": "matmul (dense",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul (dense",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<>": "matmul, batched",
+        "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0": "matmul, batched",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>": "reductions",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reductions",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>": "layout",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>": "layout",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor>": "optimizer",
+        "void some::kernel_of_its_own<>": "other",
+    }
+    for name, cls in expected.items():
+        assert kernel_class(name).startswith(cls), (name, kernel_class(name))
+
+
+@pytest.mark.parametrize("frameworks,words", [
+    ("flax,jax", "unknown framework(s) ['jax']"),
+    pytest.param("torch,timm-compile", "timm is not installed (pip install timm)",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("timm") is not None,
+                                          reason="timm is installed here")),
+])
+def test_profile_refuses_unknown_frameworks_before_any_work(frameworks, words, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "profile_step.py"), "--frameworks",
+                           frameworks, "--out", str(tmp_path / "p")], capture_output=True, text=True,
+                          env=env(), timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
 def test_startup_measures_launches_with_the_caches_off_cold_and_warm(tmp_path):
     comp = write_competition(tmp_path / "comp", 400, 30, as_zip=True)
     proc = _run(str(ROOT / "train" / "startup.py"), "--data", str(comp), "--frameworks", "flax",

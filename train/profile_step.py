@@ -1,12 +1,19 @@
 """Where a train step's time goes: the same step as train/bench.py, under each framework's profiler.
 
     python train/profile_step.py --preset small --batch-size 128 --out runs/profile
+    python train/profile_step.py --preset base --batch-size 1024 --bf16 \
+        --frameworks torch-compile,timm-compile      # our PyTorch twin against timm's ViT
 
 Flax: jax.profiler traces the jitted step; every XLA:CPU/GPU kernel in the trace is matched to
 its HLO instruction in the compiled module and put in a class (batched matmuls, i.e. the
 attention products; other matmuls; transposes and copies; reductions; elementwise fusions).
-PyTorch: torch.profiler over the same steps, grouped by ATen operator.
-Each framework runs in its own process (see train/bench.py for why). Writes profile.json and
+PyTorch (`torch`, `torch-compile`; with timm installed `timm`, `timm-compile`, timm's
+VisionTransformer at the same config, as train/bench.py times it): torch.profiler over the same
+steps. On a GPU every kernel is put in a class by its own name, so that eager and compiled steps
+(whose fused Triton kernels no ATen operator names) read in one table; on a CPU each
+millisecond is counted in the ATen operator that spent it, and a compiled step's fused C++
+kernels in its graph's call.
+Each one runs in its own process (see train/bench.py for why). Writes profile.json and
 profile.md under --out and prints the Markdown.
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -157,12 +165,17 @@ def kernel_times(trace: dict, steps: int) -> collections.Counter:
 
 
 # ---- PyTorch -------------------------------------------------------------------------------
-def profile_torch(config, batch: int, bf16: bool, steps: int, keep: Path | None = None) -> dict:
+TORCH_FRAMEWORKS = ("torch", "torch-compile", "timm", "timm-compile")
+
+
+def profile_torch(config, batch: int, bf16: bool, steps: int, keep: Path | None = None,
+                  framework: str = "torch") -> dict:
     import torch
 
     from train.bench import torch_steps
 
-    one_train, _, sync = torch_steps(config, batch, bf16, compiled=False)
+    one_train, _, sync = torch_steps(config, batch, bf16, compiled=framework.endswith("-compile"),
+                                     timm=framework.startswith("timm"))
     for _ in range(3):
         sync(one_train())
     wall = wall_ms(one_train, sync, steps)
@@ -176,21 +189,25 @@ def profile_torch(config, batch: int, bf16: bool, steps: int, keep: Path | None 
         keep.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(f"{tmp}/t.json")
-            (keep / "torch.trace.json.gz").write_bytes(gzip.compress(Path(f"{tmp}/t.json").read_bytes()))
-    per_op, kernels = collections.Counter(), 0.0
+            (keep / f"{framework}.trace.json.gz").write_bytes(
+                gzip.compress(Path(f"{tmp}/t.json").read_bytes()))
+    per_op, per_kernel = collections.Counter(), collections.Counter()
     cpu = torch.autograd.DeviceType.CPU
     for ev in prof.key_averages():
         if torch.cuda.is_available():
-            # the table lists the operators (host events) with the GPU time of the kernels each
-            # launched itself; the kernels are also listed on their own: counted once, apart
+            # the operators (host events) carry the GPU time of the kernels each launched
+            # itself, and the kernels are also listed on their own, by name: those are counted
             if ev.device_type == cpu:
                 per_op[ev.key] += ev.self_device_time_total / 1000 / steps
             else:
-                kernels += ev.self_device_time_total / 1000 / steps
+                per_kernel[ev.key] += ev.self_device_time_total / 1000 / steps
         else:  # self time: each millisecond counted once, in the operator that spent it
             per_op[ev.key] += ev.self_cpu_time_total / 1000 / steps
-    return {**summarize("torch", per_op, torch_class), "wall_ms": wall,
-            "kernels_ms": kernels if torch.cuda.is_available() else None}
+    if per_kernel:
+        return {**summarize(framework, per_kernel, kernel_class), "wall_ms": wall,
+                "top_host_ops": [{"op": k, "class": torch_class(k), "ms": v}
+                                 for k, v in per_op.most_common(25)]}
+    return {**summarize(framework, per_op, torch_class), "wall_ms": wall}
 
 
 def torch_class(name: str) -> str:
@@ -209,6 +226,39 @@ def torch_class(name: str) -> str:
         return "optimizer (AdamW)"
     if name.startswith("aten::"):
         return "elementwise fusions" if name not in ("aten::empty", "aten::view") else "other"
+    if "CompiledFxGraph" in name:  # a torch.compile graph's own fused C++ kernels, on a CPU
+        return "fused kernels of a compiled graph"
+    return "other"
+
+
+def kernel_class(name: str) -> str:
+    """A PyTorch GPU kernel's class, from its name alone: cuBLAS/CUTLASS GEMMs, the attention
+    kernels, Triton's fused kernels (torch.compile names them after the operators they fuse:
+    `triton_per_fused_native_layer_norm_0`; `per`/`red` ones reduce), ATen's own kernels."""
+    low = name.lower()
+    triton = re.match(r"triton_(poi|per|red)_fused_(.*?)(?:_\d+)?$", low)
+    if triton:
+        kind, fused = triton.groups()
+        if kind != "poi" or re.search(r"layer_norm|softmax|sum|mean", fused):
+            return "reductions (softmax, LayerNorm, bias grads)"
+        if re.fullmatch(r"(?:_*(?:to_copy|clone|cat|permute|transpose|view|unsafe_view|expand|"
+                        r"slice|select|unsqueeze|squeeze|copy|constant_pad_nd|\d+))+", fused):
+            return "layout (copy, pad, slice, broadcast)"
+        return "elementwise fusions"
+    if re.search(r"flash|fmha|sdpa|attention|attn", low):
+        return "matmul, batched (attention)"
+    if re.search(r"gemm|nvjet|xmma|cutlass|cublas|splitk", low):
+        return "matmul (dense layers)"
+    if re.search(r"adam|multi_tensor_apply", low):
+        return "optimizer (AdamW)"
+    if re.search(r"layer_norm|layernorm|gammabeta|softmax|reduce_kernel", low):
+        return "reductions (softmax, LayerNorm, bias grads)"
+    if re.search(r"memcpy|memset|catarray|copy_kernel|fill", low):
+        return "layout (copy, pad, slice, broadcast)"
+    if re.search(r"transpose|permute", low):
+        return "transposes (with what XLA fused into them)"
+    if "elementwise" in low or "gelu" in low:
+        return "elementwise fusions"
     return "other"
 
 
@@ -240,10 +290,6 @@ def markdown(results: list[dict], args) -> str:
     lines.append("| **total (kernels)** | " + " | ".join(f"**{r['total_ms']:.1f}**" for r in results) + " |")
     lines.append("| wall per step, no profiler (median) | " +
                  " | ".join(f"{r['wall_ms']:.1f}" if "wall_ms" in r else "-" for r in results) + " |")
-    if any(r.get("kernels_ms") for r in results):
-        lines.append("| GPU kernels listed on their own (check of the total) | " +
-                     " | ".join(f"{r['kernels_ms']:.1f}" if r.get("kernels_ms") else "-"
-                                for r in results) + " |")
     for r in results:
         if r.get("phases"):
             lines += ["", f"By phase, {r['framework']}:", "", "| phase | ms/step |", "|---|---|"]
@@ -261,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after 3 untimed ones)")
     p.add_argument("--bf16", action="store_true", help="bf16 compute (Flax dtype, torch autocast)")
-    p.add_argument("--frameworks", default="flax,torch")
+    p.add_argument("--frameworks", default="flax,torch",
+                   help="comma-separated: flax, " + ", ".join(TORCH_FRAMEWORKS) +
+                        " (timm-*: timm's ViT, when timm is installed)")
     p.add_argument("--out", default="runs/profile")
     p.add_argument("--keep-trace", action="store_true",
                    help="also keep the raw traces (and Flax's compiled HLO) under --out, gzipped")
@@ -276,15 +324,23 @@ def main(argv: list[str] | None = None) -> int:
         keep = Path(args.out) if args.keep_trace else None
         print(json.dumps(profile_flax(config, args.batch_size, args.bf16, args.steps, keep)))
         return 0
-    if args.worker == "torch":
+    if args.worker in TORCH_FRAMEWORKS:
         keep = Path(args.out) if args.keep_trace else None
-        print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps, keep)))
+        print(json.dumps(profile_torch(config, args.batch_size, args.bf16, args.steps, keep,
+                                       args.worker)))
         return 0
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    unknown = [f for f in frameworks if f not in ("flax", *TORCH_FRAMEWORKS)]
+    if unknown or not frameworks:
+        print(f"error: unknown framework(s) {unknown}; choose from flax, "
+              f"{', '.join(TORCH_FRAMEWORKS)}", file=sys.stderr)
+        return 2
+    if any(f.startswith("timm") for f in frameworks) and importlib.util.find_spec("timm") is None:
+        print("error: the timm frameworks profile timm's ViT, and timm is not installed "
+              "(pip install timm)", file=sys.stderr)
+        return 2
     results = []
-    for fw in [f for f in args.frameworks.split(",") if f]:
-        if fw not in ("flax", "torch"):
-            print(f"error: unknown framework {fw!r}; choose flax and/or torch", file=sys.stderr)
-            return 2
+    for fw in frameworks:
         print(f"profiling {fw} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", fw]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
