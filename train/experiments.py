@@ -313,6 +313,15 @@ PLANS: dict[str, dict] = {
           for lr in ("5e-4", "3e-4")],
         R("kaggle-e60-lr5e-4-s0", [*KAGGLE_E60_TTA, "--lr", "5e-4"], "kaggle-e60-lr5e-4"),
     ], "ensembles": []},
+    # GPU, part L (PART=l, not run yet): is width 384 at 3e-4 level with width 192 over 3 seeds,
+    # not just seed 0 (plan gpu-k), and does a still lower rate, 2e-4, help it further? The
+    # three seeds at 3e-4 are then averaged with TTA.
+    "gpu-l": {"runs": [
+        *[R(f"kaggle-e60-w384-lr3e-4-s{s}", [*KAGGLE_E60_TTA, *W384, "--lr", "3e-4", "--seed", str(s)],
+            "kaggle-e60-w384-lr3e-4") for s in (0, 1, 2)],
+        R("kaggle-e60-w384-lr2e-4-s0", [*KAGGLE_E60_TTA, *W384, "--lr", "2e-4"], "kaggle-e60-w384-lr2e-4"),
+    ], "ensembles": [("w384-lr3e-4-ens3-tta", [f"kaggle-e60-w384-lr3e-4-s{s}" for s in (0, 1, 2)],
+                      True, "final")]},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
     "gpu-f": {"runs": [

@@ -20,6 +20,10 @@
 #           `kaggle` recipe at 60 epochs; the twins' bf16 gap on `base`), four runs at a time, cut
 #           at a deadline; everything packed into $OUT/part-j.tar.gz
 #   PART=k: plan gpu-k (width 384 at lower learning rates), three runs at once, cut at a deadline
+#   PART=l: where our PyTorch twin's step loses to timm's (train/profile_step.py: both, eager
+#           and compiled, bf16, every GPU kernel classed by name; raw traces kept), then plan
+#           gpu-l (width 384 at 3e-4 over 3 seeds and their TTA ensemble, and at 2e-4), four runs
+#           at a time, cut at a deadline; everything packed into $OUT/part-l.tar.gz
 #   PART=s: start-up on the GPU, caches off / cold / warm (train/startup.py, `kaggle`, one round)
 # Needs the competition zip at $DATA. Results land in $OUT (bench.*, results-*.json, logs).
 # SMOKE=1 runs the same steps with tiny settings, to check the script on a CPU first.
@@ -96,6 +100,25 @@ if [ "$PART" = j ]; then
   stamp "experiments rc $? (deadline $LEFT s)"
   cp "$R/exp/results.json" "$OUT/results-j.json" 2>/dev/null
   tar czf "$OUT/part-j.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
+  stamp "packed"
+  exit 0
+fi
+if [ "$PART" = l ]; then
+  BUDGET=${BUDGET:-540}  # seconds for the whole part
+  if [ "${SMOKE:-0}" = 1 ]; then LP=(--preset tiny --batch-size 32 --steps 2)
+    LX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"
+  else LP=(--preset base --batch-size 1024 --steps 20); LX=""; fi
+  R="$WORK/l"; mkdir -p "$R"
+  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-l.txt"; }
+  timeout 240 python train/profile_step.py "${LP[@]}" --bf16 --keep-trace \
+    --frameworks torch-compile,timm-compile,torch,timm --out "$R/profile" > "$R/profile.log" 2>&1
+  stamp "profile rc $?"; cp "$R/profile/profile.md" "$OUT/profile-l.md" 2>/dev/null
+  LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))  # keep 25 s to pack
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-l --data "$DATA" \
+    --out "$R/exp" --extra="$LX" --jobs 4 --deadline $LEFT > "$R/exp.log" 2>&1
+  stamp "experiments rc $? (deadline $LEFT s)"
+  cp "$R/exp/results.json" "$OUT/results-l.json" 2>/dev/null
+  tar czf "$OUT/part-l.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
   stamp "packed"
   exit 0
 fi
