@@ -44,6 +44,19 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi";
   python -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__)"; } > "$OUT/env-$PART.txt" 2>&1
 T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-$PART.txt"; }
+# The rest of the part's $BUDGET on plan gpu-$PART in $R/exp ($1: the runs' --extra, $2: runs at
+# a time), cut at a deadline 25 s before the end; then everything but weights and submissions
+# packed into $OUT/part-$PART.tar.gz
+plan_to_deadline() {
+  local left=$(( BUDGET - ($(date +%s) - T0) - 25 ))
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan "gpu-$PART" --data "$DATA" \
+    --out "$R/exp" --extra="$1" --jobs "$2" --deadline $left > "$R/exp.log" 2>&1
+  stamp "experiments rc $? (deadline $left s)"
+  cp "$R/exp/results.json" "$OUT/results-$PART.json" 2>/dev/null
+  tar czf "$OUT/part-$PART.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
+  stamp "packed"
+}
 if [ "$PART" = s ]; then
   if [ "${SMOKE:-0}" = 1 ]; then SX="--preset tiny --limit-train 1000 --limit-test 100"; else SX="--preset kaggle"; fi
   python train/startup.py --data "$DATA" --rounds 1 --out "$OUT" --extra="$SX" > "$OUT/startup.md" 2> "$OUT/startup.log"
@@ -55,7 +68,6 @@ if [ "$PART" = f ]; then
   if [ "${SMOKE:-0}" = 1 ]; then PRESET=tiny; BATCH=32; STEPS=2; RUNX="--preset tiny --limit-train 1000 --limit-test 100 --epochs 2 --no-plots"
   else PRESET=base; BATCH=1024; STEPS=20; RUNX="--no-plots"; fi
   R="$WORK/f"; mkdir -p "$R"
-  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-f.txt"; }
   if [ "${SKIP_PROFILE:-0}" != 1 ]; then
     stamp "profile"
     timeout 150 python train/profile_step.py --preset $PRESET --batch-size $BATCH --steps $STEPS \
@@ -87,20 +99,13 @@ if [ "$PART" = j ]; then
     JX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"; TORCH=torch-eager-bf16
   else JB=(--preset base --batch-size 1024 --steps 20); JX=""; TORCH=torch-eager-bf16,torch-compile-bf16; fi
   R="$WORK/j"; mkdir -p "$R"
-  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-j.txt"; }
   nvidia-smi > "$R/nvidia-smi-before.txt" 2>&1
   timeout 150 python train/bench.py "${JB[@]}" --modes "flax-bf16,$TORCH" --patchify-batches "" \
     --out "$R/bench" > "$R/bench.log" 2>&1; stamp "bench rc $?"
   timeout 100 python train/bench.py "${JB[@]}" --modes timm-eager-bf16,timm-compile-bf16 \
     --patchify-batches "" --out "$R/bench-timm" > "$R/bench-timm.log" 2>&1; stamp "bench timm rc $?"
   cp "$R/bench/bench.md" "$OUT/bench.md" 2>/dev/null; cp "$R/bench-timm/bench.md" "$OUT/bench-timm.md" 2>/dev/null
-  LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))  # keep 25 s to pack
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-j --data "$DATA" \
-    --out "$R/exp" --extra="$JX" --jobs 4 --deadline $LEFT > "$R/exp.log" 2>&1
-  stamp "experiments rc $? (deadline $LEFT s)"
-  cp "$R/exp/results.json" "$OUT/results-j.json" 2>/dev/null
-  tar czf "$OUT/part-j.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
-  stamp "packed"
+  plan_to_deadline "$JX" 4
   exit 0
 fi
 if [ "$PART" = l ]; then
@@ -109,17 +114,10 @@ if [ "$PART" = l ]; then
     LX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"
   else LP=(--preset base --batch-size 1024 --steps 20); LX=""; fi
   R="$WORK/l"; mkdir -p "$R"
-  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-l.txt"; }
   timeout 240 python train/profile_step.py "${LP[@]}" --bf16 --keep-trace \
     --frameworks torch-compile,timm-compile,torch,timm --out "$R/profile" > "$R/profile.log" 2>&1
   stamp "profile rc $?"; cp "$R/profile/profile.md" "$OUT/profile-l.md" 2>/dev/null
-  LEFT=$(( BUDGET - ($(date +%s) - T0) - 25 ))  # keep 25 s to pack
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python train/experiments.py --plan gpu-l --data "$DATA" \
-    --out "$R/exp" --extra="$LX" --jobs 4 --deadline $LEFT > "$R/exp.log" 2>&1
-  stamp "experiments rc $? (deadline $LEFT s)"
-  cp "$R/exp/results.json" "$OUT/results-l.json" 2>/dev/null
-  tar czf "$OUT/part-l.tar.gz" -C "$R" --exclude='*.safetensors' --exclude='submission*.csv' .
-  stamp "packed"
+  plan_to_deadline "$LX" 4
   exit 0
 fi
 if [ "$PART" = k ]; then
@@ -136,7 +134,6 @@ if [ "$PART" = h ]; then
   DEADLINE=${DEADLINE:-400}  # seconds: runs still going then are killed, the ensemble follows
   if [ "${SMOKE:-0}" = 1 ]; then HX="--preset tiny --epochs 2 --limit-train 1000 --limit-test 100"; else HX=""; fi
   R="$WORK/h"; mkdir -p "$R"
-  stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/log-h.txt"; }
   export XLA_PYTHON_CLIENT_PREALLOCATE=false  # five processes share the GPU's memory
   python train/experiments.py --plan gpu-g --data "$DATA" --out "$R/g" --extra="$HX" --jobs 3 \
     --deadline "$DEADLINE" > "$R/g.log" 2>&1 &

@@ -231,6 +231,18 @@ def torch_class(name: str) -> str:
     return "other"
 
 
+# the classes of PyTorch's other GPU kernels by what their names contain, the first match wins
+KERNEL_NAMES = (
+    (r"flash|fmha|sdpa|attention|attn", "matmul, batched (attention)"),
+    (r"gemm|nvjet|xmma|cutlass|cublas|splitk", "matmul (dense layers)"),
+    (r"adam|multi_tensor_apply", "optimizer (AdamW)"),
+    (r"layer_norm|layernorm|gammabeta|softmax|reduce_kernel", "reductions (softmax, LayerNorm, bias grads)"),
+    (r"memcpy|memset|catarray|copy_kernel|fill", "layout (copy, pad, slice, broadcast)"),
+    (r"transpose|permute", "transposes (with what XLA fused into them)"),
+    (r"elementwise|gelu", "elementwise fusions"),
+)
+
+
 def kernel_class(name: str) -> str:
     """A PyTorch GPU kernel's class, from its name alone: cuBLAS/CUTLASS GEMMs, the attention
     kernels, Triton's fused kernels (torch.compile names them after the operators they fuse:
@@ -245,21 +257,7 @@ def kernel_class(name: str) -> str:
                         r"slice|select|unsqueeze|squeeze|copy|constant_pad_nd|\d+))+", fused):
             return "layout (copy, pad, slice, broadcast)"
         return "elementwise fusions"
-    if re.search(r"flash|fmha|sdpa|attention|attn", low):
-        return "matmul, batched (attention)"
-    if re.search(r"gemm|nvjet|xmma|cutlass|cublas|splitk", low):
-        return "matmul (dense layers)"
-    if re.search(r"adam|multi_tensor_apply", low):
-        return "optimizer (AdamW)"
-    if re.search(r"layer_norm|layernorm|gammabeta|softmax|reduce_kernel", low):
-        return "reductions (softmax, LayerNorm, bias grads)"
-    if re.search(r"memcpy|memset|catarray|copy_kernel|fill", low):
-        return "layout (copy, pad, slice, broadcast)"
-    if re.search(r"transpose|permute", low):
-        return "transposes (with what XLA fused into them)"
-    if "elementwise" in low or "gelu" in low:
-        return "elementwise fusions"
-    return "other"
+    return next((cls for pattern, cls in KERNEL_NAMES if re.search(pattern, low)), "other")
 
 
 # ---- report --------------------------------------------------------------------------------
