@@ -332,7 +332,7 @@ def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
 
 def test_profile_names_pytorch_gpu_kernels_by_class_eager_and_compiled():
     # eager ATen kernels and torch.compile's Triton kernels (named after the operators they fuse)
-    from train.profile_step import kernel_class
+    from train.profile_step import kernel_class, shown
 
     expected = {
         "triton_per_fused_native_layer_norm_0": "reductions",
@@ -353,6 +353,10 @@ def test_profile_names_pytorch_gpu_kernels_by_class_eager_and_compiled():
     }
     for name, cls in expected.items():
         assert kernel_class(name).startswith(cls), (name, kernel_class(name))
+    # and in the tables, a C++ kernel's name without its namespaces, arguments and parameters
+    assert shown("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, "
+                 "float>(int, float, float const*, float const*)") == "vectorized_layer_norm_kernel<…>"
+    assert shown("aten::native_layer_norm_backward") == "aten::native_layer_norm_backward"
 
 
 @pytest.mark.parametrize("frameworks,words", [

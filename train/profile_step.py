@@ -234,7 +234,7 @@ def torch_class(name: str) -> str:
 # the classes of PyTorch's other GPU kernels by what their names contain, the first match wins
 KERNEL_NAMES = (
     (r"flash|fmha|sdpa|attention|attn", "matmul, batched (attention)"),
-    (r"gemm|nvjet|xmma|cutlass|cublas|splitk", "matmul (dense layers)"),
+    (r"gemm|nvjet|xmma|cutlass|cublas|splitk|triton_tem", "matmul (dense layers)"),
     (r"adam|multi_tensor_apply", "optimizer (AdamW)"),
     (r"layer_norm|layernorm|gammabeta|softmax|reduce_kernel", "reductions (softmax, LayerNorm, bias grads)"),
     (r"memcpy|memset|catarray|copy_kernel|fill", "layout (copy, pad, slice, broadcast)"),
@@ -271,6 +271,18 @@ def summarize(framework: str, per_op: collections.Counter, classify) -> dict:
             "top_ops": [{"op": k, "class": classify(k), "ms": v} for k, v in per_op.most_common(25)]}
 
 
+def shown(name: str, width: int = 60) -> str:
+    """A kernel's name short enough for a table: a C++ template's namespaces, arguments and
+    parameters go (`void at::native::reduce_kernel<512, 1, ...>(...)` -> `reduce_kernel<…>`)."""
+    if len(name) <= width:
+        return name
+    short = re.sub(r"^void |\(anonymous namespace\)::", "", name)
+    while (inner := re.sub(r"<[^<>]*>", "", short)) != short:
+        short = inner
+    short = re.sub(r"\([^()]*\)$", "", short).split("::")[-1]
+    return (short + ("<…>" if "<" in name else ""))[:width]
+
+
 def markdown(results: list[dict], args) -> str:
     lines = [f"Train step (forward, backward, AdamW), preset `{args.preset}`, batch {args.batch_size}, "
              f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} profiled steps; ms per step.", ""]
@@ -294,7 +306,11 @@ def markdown(results: list[dict], args) -> str:
             lines += [f"| {p['phase']} | {p['ms']:.2f} |" for p in r["phases"]]
     for r in results:
         lines += ["", f"Top operations, {r['framework']}:", "", "| op | class | ms/step |", "|---|---|---|"]
-        lines += [f"| `{o['op'][:60]}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_ops"][:12]]
+        lines += [f"| `{shown(o['op'])}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_ops"][:12]]
+        if r.get("top_host_ops"):  # a GPU's PyTorch kernels above; the operators that launched them
+            lines += ["", f"Top operators by the GPU time of the kernels they launched, {r['framework']}:",
+                      "", "| operator | class | ms/step |", "|---|---|---|"]
+            lines += [f"| `{o['op'][:60]}` | {o['class']} | {o['ms']:.2f} |" for o in r["top_host_ops"][:12]]
     return "\n".join(lines) + "\n"
 
 
