@@ -40,7 +40,7 @@ from train.common import UsageError, add_config_options, config_from_options
 
 MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
          "torch-compile-fp32", "torch-compile-bf16"]
-# timm's VisionTransformer at the same config, the speed issue's reference (PyTorch, bf16 autocast);
+# timm's VisionTransformer at the same config, the speed issue's reference (PyTorch, fp32 or bf16);
 # asked for by name only: timm is not a dependency of this project.
 REFERENCE_MODES = ["timm-eager-fp32", "timm-eager-bf16", "timm-compile-fp32", "timm-compile-bf16"]
 # Dense peak TFLOP/s by device name fragment: (fp32 non-tensor-core, bf16 tensor core).
