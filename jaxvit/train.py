@@ -58,6 +58,15 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def sharpness_aware(loss, params, grads, rho: float):
+    """Sharpness-aware minimization (Foret et al. 2021): the gradient of loss(params) taken at
+    the weights moved a distance rho along the normalized gradient, the steepest way up nearby.
+    The optimizer then applies it to the weights as they are."""
+    scale = rho / (optax.tree.norm(grads) + 1e-12)
+    moved = jax.tree_util.tree_map(lambda p, g: p + scale * g, params, grads)
+    return jax.grad(loss)(moved)
+
+
 def to_unit(images: jax.Array) -> jax.Array:
     """uint8 (B, H, W) -> float32 (B, H, W, 1) in [0, 1]."""
     return images.astype(jnp.float32)[..., None] / 255.0
@@ -283,6 +292,8 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
             return optax.softmax_cross_entropy(logits, targets).mean(), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if recipe.sam > 0:  # the same batch, dropout and stochastic depth, at the moved weights
+            grads = sharpness_aware(lambda p: loss_fn(p)[0], state["params"], grads, recipe.sam)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == y)

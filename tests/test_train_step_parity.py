@@ -26,6 +26,8 @@ PLAIN = Recipe(epochs=2, batch_size=32, lr=2e-3, rotate=0, translate=0, scale=0,
 # augmentation asked for, but every epoch is a clean one: both trainers must skip it alike
 ALL_CLEAN = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17, erase=0.5,
                                 mixup=0.4, cutmix=1.0, clean_epochs=2)
+# sharpness-aware minimization: a second gradient a step, at the moved weights
+SAM = dataclasses.replace(PLAIN, sam=0.05)
 
 
 class Twins:
@@ -64,7 +66,7 @@ class Twins:
         self.trainer.train_step(images, labels, order[i * 32:(i + 1) * 32], step)
 
 
-@pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN], ids=["no-augmentation", "all-clean-epochs"])
+@pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN, SAM], ids=["no-augmentation", "all-clean-epochs", "sam"])
 def test_ten_training_steps_agree_between_the_trainers(recipe):
     twins = Twins(recipe)
     for step in range(10):
@@ -87,6 +89,34 @@ def test_ten_training_steps_agree_between_the_trainers(recipe):
     loss_t, _, count_t = trainer.totals.tolist()
     assert count_f == count_t
     np.testing.assert_allclose(loss_f / count_f, loss_t / count_t, rtol=1e-4)
+
+
+def test_sharpness_aware_gradients_are_taken_at_the_moved_weights_in_both_trainers():
+    # loss(p) = sum(p**3) / 3 has gradient p**2: at the weights moved rho along the normalized
+    # gradient g = p**2, the gradient is (p + rho g / |g|)**2, over both tensors' norm together
+    a, b = np.array([0.5, -1.0, 2.0], np.float32), np.array([[1.5, -0.25]], np.float32)
+    g = np.concatenate([a ** 2, b.ravel() ** 2])
+    scale = 0.3 / np.linalg.norm(g)
+    want = [(a + scale * a ** 2) ** 2, (b + scale * b ** 2) ** 2]
+
+    def flax_loss(params):
+        return sum(jnp.sum(v ** 3) for v in params.values()) / 3
+
+    params = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+    got = jt.sharpness_aware(flax_loss, params, jax.grad(flax_loss)(params), 0.3)
+    for name, w in zip("ab", want, strict=True):
+        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=1e-6)
+
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+
+    def torch_loss():
+        return ((ta ** 3).sum() + (tb ** 3).sum()) / 3
+
+    torch_loss().backward()
+    tt.sharpness_aware(torch_loss, [ta, tb], 0.3)
+    for t, w, before in zip((ta, tb), want, (a, b), strict=True):
+        np.testing.assert_allclose(t.grad.numpy(), w, rtol=1e-6)
+        assert (t.detach().numpy() == before).all(), "the weights were not put back"
 
 
 def test_the_augmentations_of_both_trainers_are_the_same_warp():

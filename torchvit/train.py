@@ -8,6 +8,7 @@ seeded from (seed, s) alone, so a resumed run draws the same numbers as an unint
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -37,6 +38,24 @@ def ema_decay_at(decay: float, step: int) -> float:
     follows the live weights, instead of dragging the random init along for ~1/(1 - decay) steps
     (0.999 at batch 512 is 13 epochs of MNIST)."""
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def sharpness_aware(loss: Callable[[], Tensor], params: list[Tensor], rho: float) -> None:
+    """Sharpness-aware minimization (Foret et al. 2021): each p.grad becomes the gradient of
+    loss() taken at the weights moved a distance rho along the normalized gradient, the steepest
+    way up nearby; the weights are put back, for the optimizer to apply it to them."""
+    grads = [p.grad for p in params]
+    scale = rho / (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                   + 1e-12)
+    here = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(g * scale)
+            p.grad = None
+    loss().backward()
+    with torch.no_grad():
+        for p, h in zip(params, here, strict=True):
+            p.copy_(h)
 
 
 def to_unit(images: Tensor) -> Tensor:
@@ -211,6 +230,18 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
+def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The random generators' state, the CPU's and the device's, to draw the same numbers again."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_random_state(state: tuple[Tensor, Tensor | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 class Trainer:
     """model + optimizer + EMA, and the one training step."""
 
@@ -258,11 +289,20 @@ class Trainer:
                 one_hot = F.one_hot(y, self.model.config.num_classes).float()
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
-        with self.autocast():
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=recipe.label_smoothing)
+        rng = random_state(x.device)  # for the same dropout and stochastic depth again under --sam
+
+        def loss_of_batch() -> tuple[Tensor, Tensor]:
+            with self.autocast():
+                logits = self.forward(x)
+            return F.cross_entropy(logits.float(), targets, label_smoothing=recipe.label_smoothing), logits
+
+        loss, logits = loss_of_batch()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.sam > 0:  # the same batch, dropout and stochastic depth, at the moved weights
+            set_random_state(rng)
+            sharpness_aware(lambda: loss_of_batch()[0],
+                            [p for p in self.model.parameters() if p.grad is not None], recipe.sam)
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
         lr = lr_at(step, recipe.lr, self.warmup, self.total)

@@ -34,6 +34,7 @@ class Recipe:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
+    sam: float = 0.0  # radius rho of sharpness-aware minimization (0: off)
     ema_decay: float = 0.0  # 0 turns the EMA off
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     translate: float = 2.0  # pixels, uniform in [-translate, translate] on each axis
@@ -84,6 +85,9 @@ RECIPE_HELP = {
     "warmup_epochs": "linear warm-up length, in epochs",
     "label_smoothing": "label smoothing of the cross-entropy",
     "grad_clip": "clip the global gradient norm to this (0: off)",
+    "sam": "sharpness-aware minimization (Foret et al. 2021): step with the gradient taken at "
+           "the weights moved this far (rho; 0.05 in the paper) along the normalized gradient, "
+           "the same batch again: a second forward and backward pass a step (0: off)",
     "ema_decay": "keep an exponential moving average of the weights with this decay and "
                  "evaluate it (0: off)",
     "rotate": "augmentation: max rotation in degrees (0: off)",
@@ -254,6 +258,7 @@ def check_recipe(r: Recipe) -> None:
     need(r.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {r.warmup_epochs}")
     need(0 <= r.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
     need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
+    need(r.sam >= 0 and math.isfinite(r.sam), f"--sam must be >= 0, got {r.sam}")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
     for k in ("rotate", "translate", "scale", "shear", "elastic"):

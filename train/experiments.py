@@ -279,6 +279,13 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-04, docs/results/cpu-v.json, row 23): no gain; final 99.29/99.48% against
     # 99.38/99.38%, with TTA 99.38/99.50% against 99.43/99.43%, at 2.2x the time.
     "cpu-v": one_change_each((("w128", ["--width", "128"]),)),
+    # CPU, plan W: sharpness-aware minimization (Foret et al. 2021; --sam 0.05, the paper's radius),
+    # which Chen et al. 2021 ("When Vision Transformers Outperform ResNets without Pretraining or
+    # Strong Data Augmentations") found lifts ViTs trained from scratch on little data the most:
+    # the issue's own doubt. Same recipe, seeds and pairing as cpu-r (the recipe's runs of seeds
+    # 0 and 1 on the AMD EPYC: 99.38%, 99.38% final; 99.43%, 99.43% with TTA on final weights);
+    # a step costs two forward and backward passes, so about 2x the time.
+    "cpu-w": one_change_each((("sam0.05", ["--sam", "0.05"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
