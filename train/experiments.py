@@ -285,6 +285,8 @@ PLANS: dict[str, dict] = {
     # the issue's own doubt. Same recipe, seeds and pairing as cpu-r (the recipe's runs of seeds
     # 0 and 1 on the AMD EPYC: 99.38%, 99.38% final; 99.43%, 99.43% with TTA on final weights);
     # a step costs two forward and backward passes, so about 2x the time.
+    # Result (2026-12-04, docs/results/cpu-w.json, row 24): final +3/-4 images against the pairs
+    # (99.45%, 99.29%), with TTA on final weights +5/-4 (99.55%, 99.33%), at 1.9x the time: no gain.
     "cpu-w": one_change_each((("sam0.05", ["--sam", "0.05"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
