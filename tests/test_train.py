@@ -177,6 +177,7 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--erase", "1.5"], "--erase must be in [0, 1], got 1.5"),
     (["--mixup", "-0.2"], "--mixup must be >= 0, got -0.2"),
+    (["--sam", "-0.05"], "--sam must be >= 0, got -0.05"),
     (["--cutmix", "1", "--batch-size", "63"], "--batch-size must be even, got 63"),
     (["--epochs", "3", "--clean-epochs", "4"], "--clean-epochs must be in [0, --epochs (3)], got 4"),
     (["--eval-only"], "--eval-only needs --checkpoint"),

@@ -289,7 +289,7 @@ class Trainer:
                 one_hot = F.one_hot(y, self.model.config.num_classes).float()
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
-        rng = random_state(x.device)  # for the same dropout and stochastic depth again under --sam
+        rng = random_state(x.device) if recipe.sam > 0 else None  # to draw the same dropout again
 
         def loss_of_batch() -> tuple[Tensor, Tensor]:
             with self.autocast():
