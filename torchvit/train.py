@@ -230,18 +230,6 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63 - 1)
 
 
-def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The random generators' state, the CPU's and the device's, to draw the same numbers again."""
-    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def set_random_state(state: tuple[Tensor, Tensor | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
-
-
 class Trainer:
     """model + optimizer + EMA, and the one training step."""
 
@@ -289,19 +277,20 @@ class Trainer:
                 one_hot = F.one_hot(y, self.model.config.num_classes).float()
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
-        rng = random_state(x.device) if recipe.sam > 0 else None  # to draw the same dropout again
 
-        def loss_of_batch() -> tuple[Tensor, Tensor]:
+        def loss_fn() -> tuple[Tensor, Tensor]:
             with self.autocast():
                 logits = self.forward(x)
             return F.cross_entropy(logits.float(), targets, label_smoothing=recipe.label_smoothing), logits
 
-        loss, logits = loss_of_batch()
+        # under --sam the random generators are put back after this pass, so that the second
+        # one draws the same dropout and stochastic depth
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=recipe.sam > 0):
+            loss, logits = loss_fn()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.sam > 0:  # the same batch, dropout and stochastic depth, at the moved weights
-            set_random_state(rng)
-            sharpness_aware(lambda: loss_of_batch()[0],
+            sharpness_aware(lambda: loss_fn()[0],
                             [p for p in self.model.parameters() if p.grad is not None], recipe.sam)
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
