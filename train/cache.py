@@ -8,8 +8,9 @@ cache folder is `$VIT_CACHE_DIR`, by default `$XDG_CACHE_HOME/vit-twins` (`~/.ca
 - `data/`: train.csv and test.csv as uint8 arrays, one file per download, named by the SHA-256
   of the bytes they came from, written only after every check of train/data.py passed.
 - `xla/`: JAX's persistent compilation cache (keyed by JAX on the program, the backend, the
-  XLA flags and the library versions). Only the Flax trainer uses it; PyTorch eager has nothing
-  to compile, and `torch.compile` keeps its own cache.
+  XLA flags and the library versions). The Flax trainer, train/ensemble.py and
+  train/tta_study.py use it; PyTorch eager has nothing to compile, and `torch.compile` keeps
+  its own cache.
 """
 
 from __future__ import annotations

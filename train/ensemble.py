@@ -149,7 +149,10 @@ def run(args) -> int:
 
     from jaxvit import train as jt
     from jaxvit.model import ViT
+    from train import cache
     from train.flax_main import evaluate
+
+    cache.use_jax_compilation_cache()  # scoring the same members again compiles nothing
 
     images, labels = dataset.train_images[:limit], dataset.train_labels[:limit]
     _, val_idx = data.stratified_split(labels, val_fraction, split_seed)

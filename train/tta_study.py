@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxvit import xla_flags
 from parity import weights as W
-from train import data
+from train import cache, data
 from train.common import Recipe, UsageError, atomic_write, atomic_write_text, fail, prepare_out
 from train.ensemble import member_weights
 
@@ -102,6 +102,7 @@ def view_probs(params, config, images: np.ndarray, batch: int = 700) -> dict[str
         return jax.jit(lambda params, images, key: softmax(params, jt.augment(jt.to_unit(images), key, recipe)))
 
     drawn = {s: drawer(dataclasses.replace(Recipe(), **kw)) for s, kw in STRENGTHS.items()}
+    batch = min(batch, len(images))  # a small split is not padded up to a whole batch
     pad = -len(images) % batch
     padded = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
     out = {}
@@ -172,6 +173,7 @@ def run(args) -> int:
     dataset = data.resolve(args.data)
     out = Path(args.out)
     prepare_out(out)
+    cache.use_jax_compilation_cache()  # the views' programs, compiled once for every later call
     scores = {}
     for r in run_dirs:
         probs, labels = run_views(r, dataset)
