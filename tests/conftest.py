@@ -14,6 +14,12 @@ if "VIT_CACHE_DIR" not in os.environ:
     os.environ["VIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit-test-cache-")
     atexit.register(shutil.rmtree, os.environ["VIT_CACHE_DIR"], True)
 
+# The tests' own programs go to that cache too: a train step that several tests compile alike
+# (and the pytest-xdist workers each) is compiled once.
+from train import cache  # noqa: E402
+
+cache.use_jax_compilation_cache()
+
 # Ctrl-C reaches the trainers the tests interrupt as it does at a terminal, even where this run
 # was started with SIGINT ignored (`nohup ... &` does that, and children inherit an ignored
 # signal across exec, whereas a handled one is reset to the default there).

@@ -192,10 +192,18 @@ def test_the_cache_folder_follows_the_environment(tmp_path):
 
 
 def test_an_unusable_compilation_cache_folder_is_skipped_with_one_line(tmp_path, capsys):
+    import jax
+
     from train.cache import use_jax_compilation_cache
 
-    (tmp_path / "a-file").write_text("")
-    assert use_jax_compilation_cache({"VIT_CACHE_DIR": str(tmp_path / "a-file")}) is None
+    # as in a fresh process: no folder given to JAX yet (tests/conftest.py gives it the session's)
+    session_folder = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        (tmp_path / "a-file").write_text("")
+        assert use_jax_compilation_cache({"VIT_CACHE_DIR": str(tmp_path / "a-file")}) is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session_folder)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no compilation cache" in err
 

@@ -33,7 +33,8 @@ def test_flax_model_shapes_finite_and_every_param_gets_gradient(name):
     c = CONFIGS[name]
     model = jm.ViT(c)
     params = W.canonical_to_flax(W.random_canonical(c, 0), c)
-    logits, out = model.apply({"params": params}, jnp.asarray(_x(c)), capture=True)
+    # jitted: one compiled program instead of one per op (the eager path: test_flax_jit_and_eager_agree)
+    logits, out = jax.jit(lambda p, x: model.apply({"params": p}, x, capture=True))(params, _x(c))
     assert logits.shape == (3, c.num_classes)
     assert out["patches"].shape == (3, c.num_patches, c.stem_dim)
     assert out["with_posemb"].shape == (3, c.num_tokens, c.width)
@@ -47,7 +48,7 @@ def test_flax_model_shapes_finite_and_every_param_gets_gradient(name):
                          rngs={"dropout": jax.random.PRNGKey(1)})
         return -jax.nn.log_softmax(lg)[:, 0].mean()
 
-    grads = W.flax_to_canonical(jax.grad(loss)(params))
+    grads = W.flax_to_canonical(jax.jit(jax.grad(loss))(params))
     dead = [n for n, g in grads.items() if not np.any(g != 0)]
     assert not dead, f"no gradient reached {dead}"
 
@@ -103,13 +104,14 @@ def test_flax_attention_kernel_choice_keeps_the_function_and_the_parameters():
     c = preset("tiny", patch_size=4)
     params = W.canonical_to_flax(W.random_canonical(c, 0), c)
     x = jnp.asarray(_x(c))
-    default = jm.ViT(c).apply({"params": params}, x)
-    xla = jm.ViT(c, attention="xla").apply({"params": params}, x)
-    np.testing.assert_allclose(default, xla, atol=1e-6)
-    fresh = jm.ViT(c, attention="xla").init(jax.random.PRNGKey(0), x)["params"]
+    def logits(attention):
+        return jax.jit(lambda p, x: jm.ViT(c, attention=attention).apply({"params": p}, x))(params, x)
+
+    np.testing.assert_allclose(logits(None), logits("xla"), atol=1e-6)
+    fresh = jax.eval_shape(jm.ViT(c, attention="xla").init, jax.random.PRNGKey(0), x)["params"]
     assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
     with pytest.raises(ValueError, match="no-such-kernel"):  # the choice reaches JAX
-        jm.ViT(c, attention="no-such-kernel").apply({"params": params}, x)
+        logits("no-such-kernel")
 
 
 def test_torch_dropout_only_in_train_mode():
@@ -128,11 +130,10 @@ def test_flax_dropout_only_in_train_mode():
     model = jm.ViT(c)
     params = W.canonical_to_flax(W.random_canonical(c, 0), c)
     x = jnp.asarray(_x(c))
-    a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
-    b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply({"params": params}, x),
-                                  model.apply({"params": params}, x))
+    train = jax.jit(lambda key: model.apply({"params": params}, x, train=True, rngs={"dropout": key}))
+    assert not np.allclose(train(jax.random.PRNGKey(0)), train(jax.random.PRNGKey(1)))
+    infer = jax.jit(lambda: model.apply({"params": params}, x))
+    np.testing.assert_array_equal(infer(), infer())
 
 
 @pytest.mark.parametrize("p,h,w,ch", [(2, 8, 6, 1), (4, 28, 28, 1), (7, 28, 21, 3)])
