@@ -255,8 +255,13 @@ def replicate(tree, mesh: Mesh | None):
 
 
 def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
-                    steps_per_epoch: int, seed: int, mesh: Mesh | None = None):
+                    steps_per_epoch: int, seed: int, mesh: Mesh | None = None,
+                    teacher: tuple[ViT, Any] | None = None):
     """-> step(state, images_u8, labels, order, index, step) -> state, jitted.
+
+    With a teacher (its model and float32 parameters) and recipe.distill > 0, each target is
+    (1 - distill) x the label + distill x the teacher's probabilities for the same image, as
+    augmented and mixed, before label smoothing (knowledge distillation, Hinton et al. 2015).
 
     With a mesh, the batch is split over its 'data' axis and everything else is replicated;
     XLA's SPMD partitioner then averages the gradients across devices (an all-reduce), so
@@ -271,7 +276,7 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
     classes = model.config.num_classes
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
-                   index: jax.Array, step: jax.Array, base_key: jax.Array) -> State:
+                   index: jax.Array, step: jax.Array, base_key: jax.Array, teacher_params=None) -> State:
         idx = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)  # (B,)
         x = shard_batch(to_unit(images[idx]))  # (B, H, W, 1) in [0, 1], split over devices
         y = shard_batch(labels[idx])  # (B,)
@@ -285,6 +290,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
             x = jnp.where(step < aug_steps, mixed, x)
             targets = jnp.where(step < aug_steps, mixed_targets, targets)
         x = normalize(x)
+        if teacher is not None:  # what the teacher makes of the same image, in eval mode
+            taught = jax.nn.softmax(teacher[0].apply({"params": teacher_params}, x))
+            targets = (1 - recipe.distill) * targets + recipe.distill * jax.lax.stop_gradient(taught)
         targets = optax.smooth_labels(targets, recipe.label_smoothing)
 
         def loss_fn(params):
@@ -309,7 +317,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
     else:
         jitted = jax.jit(train_step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()))
     base_key = replicate(jax.random.PRNGKey(seed), mesh)
-    return functools.partial(jitted, base_key=base_key)
+    # the teacher's weights go in as an argument too, not as constants of the program
+    teacher_params = None if teacher is None else replicate(teacher[1], mesh)
+    return functools.partial(jitted, base_key=base_key, teacher_params=teacher_params)
 
 
 def make_predict(model: ViT, tta: bool):

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from parity import weights as W
+from parity.config import preset
 from tests.helpers import popen_trainer, trainer, write_competition
 from train import common, data
 
@@ -163,6 +164,23 @@ def test_pseudo_labelled_test_images_join_the_training_split_and_not_the_validat
     assert again.returncode == 2 and "pseudo-label file changed since the run started" in again.stderr
 
 
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_a_student_of_another_size_distills_from_a_teacher_file(framework, flax_run, comp, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"  # a trained Flax run's weights teach either twin
+    teacher.write_bytes((flax_run / "model.safetensors").read_bytes())
+    out = tmp_path / "run"
+    trainer(framework, "--data", str(comp), "--out", str(out), "--epochs", "1", "--width", "48",
+            "--teacher", str(teacher), "--distill", "0.5", *FAST)
+    run = json.loads((out / "config.json").read_text())
+    assert run["recipe"]["distill"] == 0.5 and run["model"]["width"] == 48
+    assert run["options"]["teacher"] == str(teacher)
+    assert run["options"]["teacher_sha256"] == data.digest([teacher])
+    assert (out / "submission.csv").is_file()
+    W.save(teacher, W.random_canonical(preset("tiny"), 1), preset("tiny"))  # another teacher
+    again = trainer(framework, "--resume", str(out), check=False)
+    assert again.returncode == 2 and "the file changed since the run started" in again.stderr
+
+
 def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     proc = trainer("flax", "--epochs", "1", "--limit-train", "800", "--preset", "tiny", "--out",
                    str(tmp_path / "run"), cwd=tmp_path)
@@ -178,6 +196,9 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--erase", "1.5"], "--erase must be in [0, 1], got 1.5"),
     (["--mixup", "-0.2"], "--mixup must be >= 0, got -0.2"),
     (["--sam", "-0.05"], "--sam must be >= 0, got -0.05"),
+    (["--distill", "1.5"], "--distill must be in [0, 1], got 1.5"),
+    (["--distill", "0.5"], "--distill and --teacher go together"),
+    (["--teacher", "/no/such/teacher.safetensors", "--distill", "0.5"], "no such file"),
     (["--cutmix", "1", "--batch-size", "63"], "--batch-size must be even, got 63"),
     (["--epochs", "3", "--clean-epochs", "4"], "--clean-epochs must be in [0, --epochs (3)], got 4"),
     (["--eval-only"], "--eval-only needs --checkpoint"),

@@ -28,11 +28,16 @@ ALL_CLEAN = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elast
                                 mixup=0.4, cutmix=1.0, clean_epochs=2)
 # sharpness-aware minimization: a second gradient a step, at the moved weights
 SAM = dataclasses.replace(PLAIN, sam=0.05)
+# knowledge distillation from a teacher of another size (the twins draw their augmentations
+# from different generators, so the images are as they are)
+DISTILL = dataclasses.replace(PLAIN, distill=0.6)
+TEACHER_CONFIG = preset("tiny", patch_size=7, width=48)
 
 
 class Twins:
     """Both trainers of `tiny` at patch 4 from the same random weights, and their one data set:
-    200 random images, of which an epoch's order takes 160 (5 steps of 32)."""
+    200 random images, of which an epoch's order takes 160 (5 steps of 32). With
+    recipe.distill, both are taught by one random teacher (patch 7, width 48)."""
 
     steps_per_epoch = 5
 
@@ -49,12 +54,19 @@ class Twins:
         self.state["params"] = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(self.canonical, config))
         self.state["opt_state"] = tx.init(self.state["params"])
         self.state["ema"] = jax.tree_util.tree_map(jnp.copy, self.state["params"])
-        self.flax_step = jt.make_train_step(FlaxViT(config), tx, recipe, 32, self.steps_per_epoch, 0)
+        self.teacher = teacher = W.random_canonical(TEACHER_CONFIG, 1, scale=0.5) if recipe.distill else None
+        self.flax_step = jt.make_train_step(
+            FlaxViT(config), tx, recipe, 32, self.steps_per_epoch, 0, teacher=None if teacher is None else (
+                FlaxViT(TEACHER_CONFIG), W.canonical_to_flax(teacher, TEACHER_CONFIG)))
         self.flax_data = jnp.asarray(images), jnp.asarray(labels), jnp.asarray(order)
 
         self.model = TorchViT(config)
         self.model.load_state_dict(W.canonical_to_torch(self.canonical, config))
-        self.trainer = tt.Trainer(self.model, recipe, self.steps_per_epoch, 0)
+        torch_teacher = None
+        if teacher is not None:
+            torch_teacher = TorchViT(TEACHER_CONFIG)
+            torch_teacher.load_state_dict(W.canonical_to_torch(teacher, TEACHER_CONFIG))
+        self.trainer = tt.Trainer(self.model, recipe, self.steps_per_epoch, 0, teacher=torch_teacher)
         self.torch_data = (torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
                            torch.from_numpy(order.astype(np.int64)))
 
@@ -66,7 +78,8 @@ class Twins:
         self.trainer.train_step(images, labels, order[i * 32:(i + 1) * 32], step)
 
 
-@pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN, SAM], ids=["no-augmentation", "all-clean-epochs", "sam"])
+@pytest.mark.parametrize("recipe", [PLAIN, ALL_CLEAN, SAM, DISTILL],
+                         ids=["no-augmentation", "all-clean-epochs", "sam", "distill"])
 def test_ten_training_steps_agree_between_the_trainers(recipe):
     twins = Twins(recipe)
     for step in range(10):
@@ -89,6 +102,28 @@ def test_ten_training_steps_agree_between_the_trainers(recipe):
     loss_t, _, count_t = trainer.totals.tolist()
     assert count_f == count_t
     np.testing.assert_allclose(loss_f / count_f, loss_t / count_t, rtol=1e-4)
+
+
+def test_distilled_targets_mix_the_label_and_the_teachers_probabilities_in_both_trainers():
+    twins = Twins(DISTILL)
+    twins.step(0)  # batch 0 of the epoch's order, the images as they are
+    images, labels, order = (np.asarray(a) for a in twins.flax_data)
+    x = jt.normalize(jt.to_unit(jnp.asarray(images[order[:32]])))
+    y = np.eye(10)[labels[order[:32]]]
+    config = preset("tiny", patch_size=4)
+    student = FlaxViT(config).apply({"params": W.canonical_to_flax(twins.canonical, config)}, x)
+    teacher = FlaxViT(TEACHER_CONFIG).apply(
+        {"params": W.canonical_to_flax(twins.teacher, TEACHER_CONFIG)}, x)
+    log_p = np.asarray(jax.nn.log_softmax(student), np.float64)
+
+    def cross_entropy(targets):  # after label smoothing 0.1, the recipe's
+        return float(-((0.9 * targets + 0.01) * log_p).sum(-1).mean())
+
+    want = cross_entropy(0.4 * y + 0.6 * np.asarray(jax.nn.softmax(teacher), np.float64))
+    assert abs(want - cross_entropy(y)) > 0.01  # the teacher's share moves the loss
+    loss_f, _, count_f = np.asarray(twins.state["totals"])
+    loss_t, _, count_t = twins.trainer.totals.tolist()
+    np.testing.assert_allclose([loss_f / count_f, loss_t / count_t], want, rtol=1e-5)
 
 
 def test_sharpness_aware_gradients_are_taken_at_the_moved_weights_in_both_trainers():

@@ -235,10 +235,15 @@ class Trainer:
 
     def __init__(self, model: ViT, recipe, steps_per_epoch: int, seed: int,
                  dtype: torch.dtype = torch.float32, compile: bool = False,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, teacher: ViT | None = None) -> None:
         """With world > 1 (under torchrun, the process group initialized), the model is wrapped
-        in DistributedDataParallel and each process trains on its slice of every global batch."""
+        in DistributedDataParallel and each process trains on its slice of every global batch.
+
+        With a teacher and recipe.distill > 0, each target is (1 - distill) x the label +
+        distill x the teacher's probabilities for the same image, as augmented and mixed, before
+        label smoothing (knowledge distillation, Hinton et al. 2015)."""
         self.model, self.recipe, self.seed = model, recipe, seed
+        self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.rank, self.world = rank, world
         self.optimizer = make_optimizer(model, recipe)
         self.warmup, self.total = schedule_steps(recipe, steps_per_epoch)
@@ -277,6 +282,12 @@ class Trainer:
                 one_hot = F.one_hot(y, self.model.config.num_classes).float()
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
+        if self.teacher is not None:  # what the teacher makes of the same image, in eval mode
+            with torch.no_grad():
+                taught = self.teacher(x).float().softmax(-1)
+            if targets.ndim == 1:
+                targets = F.one_hot(y, self.model.config.num_classes).float()
+            targets = (1 - recipe.distill) * targets + recipe.distill * taught
 
         def loss_fn() -> tuple[Tensor, Tensor]:
             with self.autocast():

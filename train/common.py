@@ -35,6 +35,7 @@ class Recipe:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     sam: float = 0.0  # radius rho of sharpness-aware minimization (0: off)
+    distill: float = 0.0  # share of the --teacher's probabilities in each target (0: off)
     ema_decay: float = 0.0  # 0 turns the EMA off
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     translate: float = 2.0  # pixels, uniform in [-translate, translate] on each axis
@@ -88,6 +89,9 @@ RECIPE_HELP = {
     "sam": "sharpness-aware minimization (Foret et al. 2021): step with the gradient taken at "
            "the weights moved this far (rho; 0.05 in the paper) along the normalized gradient, "
            "the same batch again: a second forward and backward pass a step (0: off)",
+    "distill": "knowledge distillation (Hinton et al. 2015): each training target becomes "
+               "(1 - DISTILL) x its label + DISTILL x the --teacher's probabilities for the same "
+               "augmented image, before label smoothing (0: off; needs --teacher)",
     "ema_decay": "keep an exponential moving average of the weights with this decay and "
                  "evaluate it (0: off)",
     "rotate": "augmentation: max rotation in degrees (0: off)",
@@ -150,6 +154,9 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="also train on the test.csv images labelled in CSV (columns ImageId,Label: "
                         "a submission.csv, or what train/ensemble.py --pseudo-labels writes); "
                         "the validation split is untouched")
+    p.add_argument("--teacher", default=None, metavar="FILE",
+                   help="a trained model's canonical .safetensors (any size; a run's "
+                        "model.safetensors) to distill from, with --distill")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (auto: bfloat16 on a GPU, float32 on CPU); weights "
                         "stay float32")
@@ -259,6 +266,7 @@ def check_recipe(r: Recipe) -> None:
     need(0 <= r.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
     need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
     need(r.sam >= 0 and math.isfinite(r.sam), f"--sam must be >= 0, got {r.sam}")
+    need(0 <= r.distill <= 1, f"--distill must be in [0, 1], got {r.distill}")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
     for k in ("rotate", "translate", "scale", "shear", "elastic"):
@@ -409,6 +417,7 @@ class Job:
     train_idx: Any
     val_idx: Any
     steps_per_epoch: int
+    teacher: Any = None  # (canonical tensors, ViTConfig) of --teacher, or None
 
 
 def split_data(spec: Run, dataset) -> tuple[Any, Any, Any, Any, Any]:
@@ -470,7 +479,33 @@ def load_job(args: argparse.Namespace, spec: Run) -> Job:
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {spec.recipe.batch_size} is larger than the training split "
                          f"({len(train_idx)} images)")
-    return Job(dataset, images, labels, test_images, train_idx, val_idx, steps_per_epoch)
+    return Job(dataset, images, labels, test_images, train_idx, val_idx, steps_per_epoch,
+               load_teacher(spec))
+
+
+def load_teacher(spec: Run):
+    """The --teacher's weights and config for --distill, checked; None without distillation.
+    Its SHA-256 is kept in the run's options: a resume refuses a file that changed."""
+    from parity import weights as W
+    from train import data
+
+    path, share = spec.options.get("teacher"), spec.recipe.distill
+    if (path is None) != (share == 0):
+        raise UsageError("--distill and --teacher go together: --distill > 0 needs a --teacher "
+                         "file, and a --teacher is used only with --distill > 0")
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"--teacher {path}: no such file")
+    tensors, config = W.load(path)
+    if (config.image_height, config.image_width, config.channels, config.num_classes) != (28, 28, 1, 10):
+        raise UsageError(f"--teacher {path}: a model of {config.image_height}x{config.image_width}x"
+                         f"{config.channels} images and {config.num_classes} classes, not the digits'")
+    digest = data.digest([Path(path)])
+    if spec.options.setdefault("teacher_sha256", digest) != digest:
+        raise UsageError(f"--teacher {path}: the file changed since the run started; resume with "
+                         f"the file it started with")
+    return tensors, config
 
 
 def progress_bar(total: int, epoch: int, epochs: int, quiet: bool):

@@ -68,6 +68,10 @@ def G(name: str, args: list[str], seed: int) -> dict:
     return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
 
 
+# plan cpu-x's teacher: plan cpu-w's seed-0 model, final weights
+CPU_W_TEACHER = "runs/cpu-w/e44-elastic17-clean4-sam0.05-s0/model.safetensors"
+
+
 def one_change_each(settings: tuple) -> dict:
     """Plans cpu-r, cpu-t: each (name, options) alone on the 44-epoch patch-7 recipe with its last 4
     epochs clean, seeds 0 and 1, and each run's TTA on its final weights (a one-member ensemble)."""
@@ -288,6 +292,16 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-04, docs/results/cpu-w.json, row 24): final +3/-4 images against the pairs
     # (99.45%, 99.29%), with TTA on final weights +5/-4 (99.55%, 99.33%), at 1.9x the time: no gain.
     "cpu-w": one_change_each((("sam0.05", ["--sam", "0.05"]),)),
+    # Knowledge distillation (2026-12-05): the default command (the `cpu` preset, 22 epochs)
+    # taught by plan cpu-w's seed-0 model (the 44-epoch recipe with --sam 0.05: 99.45% final,
+    # 99.55% with TTA; trained on the same split, so it never saw a validation image), half of
+    # each target its probabilities, against the default alone; seeds 0 and 1, each scored with
+    # TTA on its final weights too. Needs plan cpu-w's runs in runs/cpu-w.
+    "cpu-x": {"runs": [G(f"cpu-{name}", extra, s) for name, extra in (
+        ("default", []),
+        ("distill0.5", ["--teacher", CPU_W_TEACHER, "--distill", "0.5"])) for s in (0, 1)],
+        "ensembles": [(f"cpu-{name}-s{s}-tta-final", [f"cpu-{name}-s{s}"], True, "final")
+                      for name in ("default", "distill0.5") for s in (0, 1)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan

@@ -144,7 +144,13 @@ def run(args) -> int:
     # The training split lives on the device(s) as uint8 (N, 28, 28); every step slices there.
     x_all = jt.replicate(jax.device_put(images[train_idx]), mesh)
     y_all = jt.replicate(jax.device_put(labels[train_idx].astype(np.int32)), mesh)
-    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, steps_per_epoch, recipe.seed, mesh)
+    teacher = None
+    if job.teacher is not None:  # --distill: the teacher in float32, as the PyTorch twin's
+        tensors, teacher_config = job.teacher
+        teacher = (ViT(teacher_config), jax.tree_util.tree_map(
+            jnp.asarray, W.canonical_to_flax(tensors, teacher_config)))
+    train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, steps_per_epoch, recipe.seed,
+                                    mesh, teacher)
     predict = jt.make_predict(eval_model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
 

@@ -127,9 +127,15 @@ def run(args) -> int:
         dtype_name = "bfloat16" if device.type == "cuda" else "float32"
     torch.manual_seed(recipe.seed)
     model = ViT(config).to(device)
+    teacher = None
+    if job.teacher is not None:  # --distill: the teacher in float32, as the Flax twin's
+        tensors, teacher_config = job.teacher
+        teacher = ViT(teacher_config)  # (its random init drawn after the student's)
+        teacher.load_state_dict(W.canonical_to_torch(tensors, teacher_config))
+        teacher.to(device)
     trainer = tt.Trainer(model, recipe, steps_per_epoch, recipe.seed,
                          dtype=getattr(torch, dtype_name), compile=bool(spec.options.get("compile")),
-                         rank=rank, world=world)
+                         rank=rank, world=world, teacher=teacher)
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": -1}
     ckpt = out / "checkpoint.safetensors"
     if args.resume:
