@@ -302,9 +302,6 @@ PLANS: dict[str, dict] = {
         ("distill0.5", ["--teacher", CPU_W_TEACHER, "--distill", "0.5"])) for s in (0, 1)],
         "ensembles": [(f"cpu-{name}-s{s}-tta-final", [f"cpu-{name}-s{s}"], True, "final")
                       for name in ("default", "distill0.5") for s in (0, 1)]},
-    # The same teacher and share on the teacher's own recipe less its SAM (a "born-again" student,
-    # Furlanello et al. 2018), seeds 0 and 1, paired with that recipe's runs (cpu-mixlong).
-    "cpu-y": one_change_each((("distill0.5", ["--teacher", CPU_W_TEACHER, "--distill", "0.5"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
