@@ -444,10 +444,7 @@ def add_pseudo_labels(spec: Run, dataset, images, labels, train_idx):
 
     path = Path(spec.options["pseudo_labels"])
     rows, pseudo = data.read_pseudo_labels(path, len(dataset.test_images))
-    digest = data.digest([path])
-    if spec.options.setdefault("pseudo_labels_sha256", digest) != digest:
-        raise UsageError(f"{path}: the pseudo-label file changed since the run started; "
-                         f"resume with the file it started with")
+    check_unchanged(spec, "pseudo_labels_sha256", path, f"{path}: the pseudo-label file")
     print(f"pseudo-labels: {len(rows)} test images from {path} join the training split",
           file=sys.stderr)
     first = len(images)
@@ -487,7 +484,6 @@ def load_teacher(spec: Run):
     """The --teacher's weights and config for --distill, checked; None without distillation.
     Its SHA-256 is kept in the run's options: a resume refuses a file that changed."""
     from parity import weights as W
-    from train import data
 
     path, share = spec.options.get("teacher"), spec.recipe.distill
     if (path is None) != (share == 0):
@@ -501,11 +497,18 @@ def load_teacher(spec: Run):
     if (config.image_height, config.image_width, config.channels, config.num_classes) != (28, 28, 1, 10):
         raise UsageError(f"--teacher {path}: a model of {config.image_height}x{config.image_width}x"
                          f"{config.channels} images and {config.num_classes} classes, not the digits'")
-    digest = data.digest([Path(path)])
-    if spec.options.setdefault("teacher_sha256", digest) != digest:
-        raise UsageError(f"--teacher {path}: the file changed since the run started; resume with "
-                         f"the file it started with")
+    check_unchanged(spec, "teacher_sha256", Path(path), f"--teacher {path}: the file")
     return tensors, config
+
+
+def check_unchanged(spec: Run, key: str, path: Path, what: str) -> None:
+    """Keep the SHA-256 of an input file in the run's options under `key`; on a resume, refuse
+    a file that changed since the run started."""
+    from train import data
+
+    digest = data.digest([path])
+    if spec.options.setdefault(key, digest) != digest:
+        raise UsageError(f"{what} changed since the run started; resume with the file it started with")
 
 
 def progress_bar(total: int, epoch: int, epochs: int, quiet: bool):
