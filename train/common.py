@@ -399,6 +399,14 @@ def pause_for_tests(point: str) -> None:
 # ---- what both trainers do before training --------------------------------------------------
 def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
     """The run to do and its directory: a resumed one (its stored config) or a new one."""
+    if args.checkpoint and not args.eval_only:
+        raise UsageError("--checkpoint is read only by --eval-only (to continue a run: --resume DIR)")
+    if args.eval_only:  # it scores --checkpoint as it is: refuse the inputs only training reads
+        unused = [f"--{k.replace('_', '-')}" for k in ("resume", "pseudo_labels", "teacher")
+                  if getattr(args, k)]
+        if unused:
+            raise UsageError(f"--eval-only scores --checkpoint as it is; only training reads "
+                             f"{', '.join(unused)}")
     if args.resume:
         out = Path(args.resume)
         return resumed_run(out, args, framework), out
