@@ -61,6 +61,22 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert sorted(data.epoch_order(100, 1, 5)) == list(range(100))
 
 
+def test_repeated_augmentation_repeats_images_in_a_row_in_augmented_epochs_only():
+    import dataclasses
+
+    from train.common import Recipe, epoch_indices
+
+    order = data.epoch_order(100, 1, 5, repeats=3)  # 34 images, three times each, cut to 100
+    assert len(order) == 100 and len(set(order)) == 34
+    np.testing.assert_array_equal(order[:99].reshape(33, 3), np.repeat(order[:99:3, None], 3, 1))
+    np.testing.assert_array_equal(order[::3], data.epoch_order(100, 1, 5)[:34])  # the same shuffle
+    recipe = dataclasses.replace(Recipe(), epochs=3, clean_epochs=1, batch_size=32, repeat_aug=2)
+    augmented, clean = (epoch_indices(recipe, 100, e, steps_per_epoch=3) for e in (1, 2))
+    assert len(augmented) == len(clean) == 96
+    assert len(set(augmented)) == 48 and (augmented[::2] == augmented[1::2]).all()
+    np.testing.assert_array_equal(clean, data.epoch_order(100, recipe.seed, 2)[:96])
+
+
 def test_submission_has_kaggles_header_and_one_based_ids(tmp_path):
     path = tmp_path / "submission.csv"
     data.write_submission(path, np.array([3, 1, 4, 1, 5]))

@@ -82,12 +82,13 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     comp = write_competition(tmp_path / "comp", 700, 30, as_zip=True)
     common = ["--data", str(comp), "--epochs", "1", "--limit-train", "600", "--batch-size", "64",
               "--val-fraction", "0.2"]
-    trainer("flax", "--preset", "kaggle", *common, "--out", str(tmp_path / "k0"))
+    trainer("flax", "--preset", "kaggle", *common, "--repeat-aug", "3", "--out", str(tmp_path / "k0"))
     # a second member of another size, on the same split: ensembles take unlike models
     trainer("flax", "--preset", "tiny", *common, "--seed", "1", "--out", str(tmp_path / "k1"))
     cfg = json.loads((tmp_path / "k0" / "config.json").read_text())
     assert cfg["model"]["drop_path"] == 0.1 and cfg["recipe"]["ema_decay"] > 0
     assert cfg["recipe"]["rotate"] == 15 and cfg["recipe"]["translate"] == 3  # the stronger augmentation
+    assert cfg["recipe"]["repeat_aug"] == 3
     pseudo = tmp_path / "pseudo.csv"
     proc = _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "k0"), str(tmp_path / "k1"),
                 "--data", str(comp), "--tta", "--out", str(tmp_path / "ens"),

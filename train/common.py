@@ -47,6 +47,7 @@ class Recipe:
     mixup: float = 0.0  # Beta(a, a) of mixup: blend each image with its batch partner (0: off)
     cutmix: float = 0.0  # Beta(a, a) of CutMix: paste a box of the partner in (0: off)
     clean_epochs: int = 0  # the last N epochs train on the images as they are, unaugmented
+    repeat_aug: int = 1  # each augmented epoch takes 1/N of the images, each N times (1: off)
     val_fraction: float = 0.1
     split_seed: int = 0
     seed: int = 0
@@ -113,6 +114,10 @@ RECIPE_HELP = {
               "of the two, at even odds)",
     "clean_epochs": "train the last N epochs on the images as they are, without augmentation "
                     "(the learning-rate schedule unchanged; 0: augment to the end)",
+    "repeat_aug": "repeated augmentation (Hoffer et al. 2020, as in DeiT): each augmented epoch "
+                  "takes 1/N of the training images, each N times in a row, so that an image's "
+                  "N copies share a batch, each augmented on its own; the steps are unchanged "
+                  "(1: off)",
     "val_fraction": "stratified hold-out share of train.csv scored every epoch (0: train on all)",
     "split_seed": "seed of the validation split (kept apart from --seed so that runs and "
                   "ensembles of several seeds are scored on the same held-out images)",
@@ -280,6 +285,9 @@ def check_recipe(r: Recipe) -> None:
          f"--mixup and --cutmix mix pairs of images: --batch-size must be even, got {r.batch_size}")
     need(0 <= r.clean_epochs <= r.epochs,
          f"--clean-epochs must be in [0, --epochs ({r.epochs})], got {r.clean_epochs}")
+    need(r.repeat_aug >= 1, f"--repeat-aug must be at least 1, got {r.repeat_aug}")
+    need(r.repeat_aug == 1 or augments(r),
+         "--repeat-aug repeats images to augment each copy on its own; this recipe augments nothing")
 
 
 def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
@@ -318,6 +326,16 @@ def augmented_steps(recipe: Recipe, steps_per_epoch: int) -> int:
     """Steps 0 .. this - 1 augment their batch (when the recipe augments at all); the steps of
     the last --clean-epochs epochs train on the images as they are."""
     return (recipe.epochs - recipe.clean_epochs) * steps_per_epoch
+
+
+def epoch_indices(recipe: Recipe, num: int, epoch: int, steps_per_epoch: int):
+    """The positions in the training split (of `num` images) that epoch `epoch` trains on, batch
+    after batch: steps_per_epoch full batches. --repeat-aug repeats images in the augmented
+    epochs only: a clean epoch would see the same image N times over."""
+    from train import data
+
+    repeats = recipe.repeat_aug if epoch < recipe.epochs - recipe.clean_epochs else 1
+    return data.epoch_order(num, recipe.seed, epoch, repeats)[: steps_per_epoch * recipe.batch_size]
 
 
 def schedule_steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int]:

@@ -322,9 +322,15 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return train_idx, val_idx
 
 
-def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run matches."""
-    return np.random.default_rng([seed, epoch]).permutation(num)
+def epoch_order(num: int, seed: int, epoch: int, repeats: int = 1) -> np.ndarray:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run matches.
+
+    With repeats > 1 (repeated augmentation): the first num / repeats images of the shuffle,
+    each `repeats` times in a row, so that an image's copies fall in one batch; still num long."""
+    order = np.random.default_rng([seed, epoch]).permutation(num)
+    if repeats > 1:
+        order = np.repeat(order[: -(-num // repeats)], repeats)[:num]
+    return order
 
 
 # ---- writing -------------------------------------------------------------------------

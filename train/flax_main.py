@@ -163,8 +163,8 @@ def run(args) -> int:
     try:
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
-            order = jt.replicate(jax.device_put(data.epoch_order(len(train_idx), recipe.seed, epoch)
-                                                [: steps_per_epoch * recipe.batch_size].astype(np.int32)), mesh)
+            order = jt.replicate(jax.device_put(common.epoch_indices(
+                recipe, len(train_idx), epoch, steps_per_epoch).astype(np.int32)), mesh)
             state["totals"] = jt.replicate(jnp.zeros(3, jnp.float32), mesh)
             bar = common.progress_bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
             for i in range(steps_per_epoch):

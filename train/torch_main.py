@@ -171,8 +171,8 @@ def run(args) -> int:
     try:
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
-            order = torch.from_numpy(data.epoch_order(len(train_idx), recipe.seed, epoch)
-                                     [: steps_per_epoch * recipe.batch_size]).to(device)
+            order = torch.from_numpy(common.epoch_indices(recipe, len(train_idx), epoch,
+                                                          steps_per_epoch)).to(device)
             trainer.totals = None
             bar = common.progress_bar(steps_per_epoch, epoch, recipe.epochs, spec.options.get("quiet"))
             for i in range(steps_per_epoch):
