@@ -306,6 +306,8 @@ PLANS: dict[str, dict] = {
     # epoch takes a third of the training images, each three times in the same batch, augmented
     # three ways; the steps and the last 4 clean epochs unchanged. Against the recipe's pairs
     # (plan cpu-mixlong, the same AMD EPYC machine: 99.38%, 99.38% final; 99.43%, 99.43% TTA).
+    # Result (2026-12-05, docs/results/cpu-y.json, row 26): final 99.29%, 99.14% (-4/-10 images),
+    # with TTA on final weights 99.36%, 99.31% (-3/-5): worse on both seeds.
     "cpu-y": one_change_each((("ra3", ["--repeat-aug", "3"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
