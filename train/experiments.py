@@ -70,6 +70,8 @@ def G(name: str, args: list[str], seed: int) -> dict:
 
 # plan cpu-x's teacher: plan cpu-w's seed-0 model, final weights
 CPU_W_TEACHER = "runs/cpu-w/e44-elastic17-clean4-sam0.05-s0/model.safetensors"
+# plan cpu-z's teacher: its own stage 1's recipe run of seed 0, final weights
+BORN_AGAIN_TEACHER = "{out}/e44-elastic17-clean4-s0/model.safetensors"
 
 
 def one_change_each(settings: tuple) -> dict:
@@ -309,6 +311,25 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-05, docs/results/cpu-y.json, row 26): final 99.29%, 99.14% (-4/-10 images),
     # with TTA on final weights 99.36%, 99.31% (-3/-5): worse on both seeds.
     "cpu-y": one_change_each((("ra3", ["--repeat-aug", "3"]),)),
+    # A "born-again" student (Furlanello et al. 2018), the distillation plan cpu-x left untried:
+    # the 44-epoch patch-7 recipe (last 4 epochs clean) taught by its own seed-0 model, half of
+    # each target the teacher's probabilities, the student's steps the teacher's. Stage 1 trains
+    # the recipe's seeds 0 and 1 (the students' pairs, on the same machine and code; seed 0 is the
+    # teacher, final weights, trained on the same split so it never saw a validation image);
+    # stage 2 the students of seeds 0 and 1. Each run is scored with TTA on its final weights too.
+    # Result (2026-12-05, an AMD EPYC with AVX-512; docs/results/cpu-z.json, row 27): the recipe
+    # 99.45%, 99.33% final (99.48%, 99.38% with TTA); the students 99.24%, 99.31% (-9/-1 images),
+    # with TTA 99.40%, 99.36% (-3/-1), at 1.2x the time: no gain. A student beside its teacher in
+    # a 2-model TTA ensemble: 99.43% and 99.40%, below the teacher alone.
+    "cpu-z": {"stages": [
+        {"runs": [G("e44-elastic17-clean4", [*E44_ELASTIC17, "--clean-epochs", "4"], s) for s in (0, 1)],
+         "ensembles": [(f"recipe-s{s}-tta-final", [f"e44-elastic17-clean4-s{s}"], True, "final")
+                       for s in (0, 1)]},
+        {"runs": [G("e44-elastic17-clean4-born-again", [*E44_ELASTIC17, "--clean-epochs", "4", "--teacher",
+                                                         BORN_AGAIN_TEACHER, "--distill", "0.5"], s)
+                  for s in (0, 1)],
+         "ensembles": [(f"born-again-s{s}-tta-final", [f"e44-elastic17-clean4-born-again-s{s}"], True, "final")
+                       for s in (0, 1)]}]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
