@@ -338,8 +338,8 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-05, docs/results/cpu-ema.json, row 28): final 99.45%, 99.33%, the pairs' to the
     # digit; with TTA 99.50%, 99.36% (+1/-1 images). The EMA's warm-up, min(decay, (1 + t) / (10 + t)),
     # reaches 0.999 only at step 8,990 (epoch 30) and 0.9995 never in the recipe's ~13,000 steps
-    # (0.99931 at the last), so the two runs are the pairs to the bit up to epoch 30 and the
-    # decay differs by at most 0.0003 after: the cap does not matter past 0.999 here.
+    # (0.99931 at the last), so up to epoch 30 the runs' validation losses are the pairs' to every
+    # digit, and the decay differs by at most 0.0003 after: the cap does not matter past 0.999 here.
     "cpu-ema": one_change_each((("ema0.9995", ["--ema-decay", "0.9995"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
