@@ -341,6 +341,10 @@ PLANS: dict[str, dict] = {
     # (0.99931 at the last), so up to epoch 30 the runs' validation losses are the pairs' to every
     # digit, and the decay differs by at most 0.0003 after: the cap does not matter past 0.999 here.
     "cpu-ema": one_change_each((("ema0.9995", ["--ema-decay", "0.9995"]),)),
+    # The EMA off on the same recipe (the `cpu` preset brought width 96 and the EMA in together,
+    # never separated): does the average of the weights do anything on this recipe, whose last
+    # 4 epochs run at a learning rate near zero anyway? Seeds 0 and 1, paired as cpu-ema.
+    "cpu-noema": one_change_each((("ema0", ["--ema-decay", "0"]),)),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
