@@ -41,6 +41,8 @@ def R(name: str, args: list[str], group: str | None = None, trainer: str = "flax
 E44 = ["--epochs", "44", *STRONG_AUG]
 # ... with half-strength elastic distortion (cpu-g's best patch-7 recipe; cpu-i's teacher, cpu-j's base)
 E44_ELASTIC17 = [*E44, "--elastic", "17"]
+# ... with its last 4 epochs clean (the reference of plans cpu-r to cpu-noema)
+E44_CLEAN4 = [*E44_ELASTIC17, "--clean-epochs", "4"]
 
 
 # the best CPU recipe (patch 4, 40 epochs, stronger augmentation) with half-strength elastic
@@ -77,8 +79,7 @@ BORN_AGAIN_TEACHER = "{out}/e44-elastic17-clean4-s0/model.safetensors"
 def one_change_each(settings: tuple) -> dict:
     """Plans cpu-r, cpu-t: each (name, options) alone on the 44-epoch patch-7 recipe with its last 4
     epochs clean, seeds 0 and 1, and each run's TTA on its final weights (a one-member ensemble)."""
-    base = [*E44_ELASTIC17, "--clean-epochs", "4"]
-    return {"runs": [G(f"e44-elastic17-clean4-{name}", [*base, *extra], s)
+    return {"runs": [G(f"e44-elastic17-clean4-{name}", [*E44_CLEAN4, *extra], s)
                      for name, extra in settings for s in (0, 1)],
             "ensembles": [(f"{name}-s{s}-tta-final", [f"e44-elastic17-clean4-{name}-s{s}"], True, "final")
                           for name, _ in settings for s in (0, 1)]}
@@ -273,7 +274,7 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-03): seed 2 +8 images final (99.38% against the recipe's low 99.19%), +1 with
     # TTA; over seeds 0-2 final 99.40% +- 0.05 against 99.32% +- 0.11, with TTA 99.40% against
     # 99.41%: within the noise and gone with TTA (docs/results.md, ablation row 21; cpu-u.json).
-    "cpu-u": {"runs": [G(f"e44-elastic17-clean4{suffix}", [*E44_ELASTIC17, "--clean-epochs", "4", *extra], 2)
+    "cpu-u": {"runs": [G(f"e44-elastic17-clean4{suffix}", [*E44_CLEAN4, *extra], 2)
                        for _, suffix, extra in WARMUP_PAIR],
               "ensembles": [(f"{name}-s2-tta-final", [f"e44-elastic17-clean4{suffix}-s2"], True, "final")
                             for name, suffix, _ in WARMUP_PAIR]},
@@ -322,11 +323,11 @@ PLANS: dict[str, dict] = {
     # with TTA 99.40%, 99.36% (-3/-1), at 1.2x the time: no gain. A student beside its teacher in
     # a 2-model TTA ensemble: 99.43% and 99.40%, below the teacher alone.
     "cpu-z": {"stages": [
-        {"runs": [G("e44-elastic17-clean4", [*E44_ELASTIC17, "--clean-epochs", "4"], s) for s in (0, 1)],
+        {"runs": [G("e44-elastic17-clean4", E44_CLEAN4, s) for s in (0, 1)],
          "ensembles": [(f"recipe-s{s}-tta-final", [f"e44-elastic17-clean4-s{s}"], True, "final")
                        for s in (0, 1)]},
-        {"runs": [G("e44-elastic17-clean4-born-again", [*E44_ELASTIC17, "--clean-epochs", "4", "--teacher",
-                                                         BORN_AGAIN_TEACHER, "--distill", "0.5"], s)
+        {"runs": [G("e44-elastic17-clean4-born-again", [*E44_CLEAN4, "--teacher", BORN_AGAIN_TEACHER,
+                                                         "--distill", "0.5"], s)
                   for s in (0, 1)],
          "ensembles": [(f"born-again-s{s}-tta-final", [f"e44-elastic17-clean4-born-again-s{s}"], True, "final")
                        for s in (0, 1)]}]},
