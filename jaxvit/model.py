@@ -23,6 +23,13 @@ Array = jax.Array
 
 
 # ---- patchify ----------------------------------------------------------------------
+def crop(images: Array, pixels: int) -> Array:
+    """(B, H, W, C) -> (B, H - 2 pixels, W - 2 pixels, C): the central part (config.crop)."""
+    if pixels == 0:
+        return images
+    return images[:, pixels:-pixels, pixels:-pixels, :]
+
+
 def patchify(images: Array, patch_size: int) -> Array:
     """(B, H, W, C) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
     b, h, w, c = images.shape
@@ -274,6 +281,7 @@ class ViT(nn.Module):
     def embed(self, images: Array, out: dict[str, Array], *, train: bool) -> Array:
         """Eq. 1: (B, H, W, C) -> z0 (B, T, D)."""
         c = self.config
+        images = crop(images, c.crop)  # (B, H - 2 crop, W - 2 crop, C)
         if c.spt:  # (B, N, p*p*5C), each token normalized
             patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
         else:

@@ -32,6 +32,7 @@ class ViTConfig:
     image_height: int = 28
     image_width: int = 28
     channels: int = 1
+    crop: int = 0  # pixels cut off every border before patchify: the model sees the central part
     patch_size: int = 4
     width: int = 64  # D, the token dimension
     depth: int = 4  # L, number of encoder blocks
@@ -55,9 +56,16 @@ class ViTConfig:
 
     # ---- derived sizes -------------------------------------------------------------
     @property
+    def seen(self) -> tuple[int, int]:
+        """(height, width) of the part of the image the model patchifies: the image less `crop`
+        pixels on every side (MNIST's digits sit in the central 20x20 of their 28x28)."""
+        return self.image_height - 2 * self.crop, self.image_width - 2 * self.crop
+
+    @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, cols)."""
-        return self.image_height // self.patch_size, self.image_width // self.patch_size
+        height, width = self.seen
+        return height // self.patch_size, width // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -99,9 +107,14 @@ class ViTConfig:
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                  f"{name} must be a positive integer, got {value!r}")
-        need(self.image_height % self.patch_size == 0 and self.image_width % self.patch_size == 0,
-             f"image size {self.image_height}x{self.image_width} is not divisible by "
-             f"patch_size {self.patch_size}")
+        need(isinstance(self.crop, int) and not isinstance(self.crop, bool)
+             and 0 <= 2 * self.crop < min(self.image_height, self.image_width),
+             f"crop must be a whole number of pixels, 0 <= 2 * crop < the image's height and width "
+             f"({self.image_height}x{self.image_width}), got {self.crop!r}")
+        height, width = self.seen
+        need(height % self.patch_size == 0 and width % self.patch_size == 0,
+             f"image size {height}x{width}" + (f" (after a crop of {self.crop})" if self.crop else "")
+             + f" is not divisible by patch_size {self.patch_size}")
         need(self.width % self.num_heads == 0,
              f"width {self.width} is not divisible by num_heads {self.num_heads}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")

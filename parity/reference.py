@@ -8,6 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def crop(images: np.ndarray, pixels: int) -> np.ndarray:
+    """(B, H, W, C) -> (B, H - 2 pixels, W - 2 pixels, C): every border less `pixels` rows/columns."""
+    b, h, w, c = images.shape
+    out = np.empty((b, h - 2 * pixels, w - 2 * pixels, c), images.dtype)
+    for row in range(h - 2 * pixels):
+        for col in range(w - 2 * pixels):
+            out[:, row, col, :] = images[:, pixels + row, pixels + col, :]
+    return out
+
+
 def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
     """(B, H, W, C) -> (B, N, p*p*C): patches row by row, each flattened as (p1, p2, c)."""
     b, h, w, c = images.shape

@@ -16,7 +16,7 @@ from parity import weights as W
 from parity.config import ViTConfig, preset
 
 # The config matrix: patch 2, 4 and 7; cls and gap; all three position encodings; widths
-# that are not multiples of 64; square and non-square images; LSA and SPT.
+# that are not multiples of 64; square and non-square images, whole and cropped; LSA and SPT.
 CONFIGS: dict[str, ViTConfig] = {
     "p4-cls-learned-28x28-w48": preset("tiny", patch_size=4, width=48, num_heads=3),
     "p2-gap-sincos2d-12x16-w36": preset("tiny", patch_size=2, width=36, num_heads=3,
@@ -24,9 +24,9 @@ CONFIGS: dict[str, ViTConfig] = {
                                         posemb="sincos2d"),
     "p7-cls-sincos1d-28x28-w40": preset("tiny", patch_size=7, width=40, num_heads=4,
                                         posemb="sincos1d", gelu_exact=False),
-    "p4-gap-learned-20x28c3-w40": preset("tiny", patch_size=4, width=40, num_heads=2,
-                                         image_height=20, image_width=28, channels=3, pool="gap",
-                                         qkv_bias=False),
+    "p4-gap-learned-20x28c3crop2-w40": preset("tiny", patch_size=4, width=40, num_heads=2,
+                                              image_height=20, image_width=28, channels=3, crop=2,
+                                              pool="gap", qkv_bias=False),
     "p7-gap-sincos1d-21x28-w52": preset("tiny", patch_size=7, width=52, num_heads=4,
                                         image_height=21, image_width=28, pool="gap",
                                         posemb="sincos1d"),
@@ -78,14 +78,18 @@ def _labels(config: ViTConfig, batch: int, seed: int = 1) -> np.ndarray:
 
 
 def check_patchify(config: ViTConfig, name: str, batch: int) -> list[Row]:
-    """naive == vectorized in each framework; jax == torch == NumPy reference: exactly."""
+    """The crop, then patchify: naive == vectorized in each framework; jax == torch == NumPy
+    reference: exactly."""
     import jax.numpy as jnp
     import torch
 
     from jaxvit import model as jm
     from torchvit import model as tm
 
-    x = _images(config, batch)
+    whole = _images(config, batch)
+    x = reference.crop(whole, config.crop)  # (B, *config.seen, C)
+    j_crop = np.asarray(jm.crop(jnp.asarray(whole), config.crop))
+    t_crop = tm.crop(torch.from_numpy(whole).permute(0, 3, 1, 2), config.crop).permute(0, 2, 3, 1).numpy()
     p = config.patch_size
     ref = reference.patchify(x, p)
     j_fast = np.asarray(jm.patchify(jnp.asarray(x), p))
@@ -93,10 +97,12 @@ def check_patchify(config: ViTConfig, name: str, batch: int) -> list[Row]:
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, C, H, W)
     t_fast = tm.patchify(xt, p).numpy()
     t_naive = tm.patchify_naive(xt, p).numpy()
-    j_back = np.asarray(jm.unpatchify(jnp.asarray(ref), p, config.image_height, config.image_width))
-    t_back = tm.unpatchify(torch.from_numpy(ref), p, config.image_height, config.image_width)
+    j_back = np.asarray(jm.unpatchify(jnp.asarray(ref), p, *config.seen))
+    t_back = tm.unpatchify(torch.from_numpy(ref), p, *config.seen)
     tag = f"{name} b{batch}"
     return [
+        Row("crop jax==numpy", tag, _max_abs(j_crop, x), 0.0),
+        Row("crop torch==numpy", tag, _max_abs(t_crop, x), 0.0),
         Row("patchify jax naive==vectorized", tag, _max_abs(j_naive, j_fast), 0.0),
         Row("patchify torch naive==vectorized", tag, _max_abs(t_naive, t_fast), 0.0),
         Row("patchify jax==numpy", tag, _max_abs(j_fast, ref), 0.0),

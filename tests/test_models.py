@@ -158,6 +158,9 @@ def test_every_preset_builds_and_presets_table_is_complete():
     (dict(pool="max"), "pool must be"),
     (dict(dropout=1.5), "dropout must be in [0, 1)"),
     (dict(depth=0), "depth must be a positive integer"),
+    (dict(crop=14), "crop must be a whole number of pixels, 0 <= 2 * crop <"),
+    (dict(crop=-1), "crop must be"),
+    (dict(crop=1, patch_size=7), "image size 26x26 (after a crop of 1) is not divisible by patch_size 7"),
 ])
 def test_config_refuses_impossible_values_with_a_clear_message(changes, words):
     with pytest.raises(ConfigError, match=None) as err:
@@ -172,6 +175,28 @@ def test_config_refuses_unknown_fields_and_presets():
         preset("huge")
     c = preset("small", pool="gap")
     assert ViTConfig.from_dict(c.to_dict()) == c
+
+
+def test_crop_makes_both_twins_blind_to_the_border_and_only_to_it():
+    c = preset("tiny", patch_size=6, crop=2)  # the central 24x24 of 28x28: 16 patches of 6x6
+    assert c.seen == (24, 24) and c.grid == (4, 4) and c.num_tokens == 17
+    canonical = W.random_canonical(c, 0)
+    flax_model, params = jm.ViT(c), W.canonical_to_flax(canonical, c)
+    torch_model = tm.ViT(c).eval()
+    torch_model.load_state_dict(W.canonical_to_torch(canonical, c))
+
+    def logits(x):  # (B, H, W, C) -> each twin's logits
+        with torch.no_grad():
+            t = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+        return np.asarray(flax_model.apply({"params": params}, jnp.asarray(x))), t
+
+    x = _x(c)
+    border, inside = x.copy(), x.copy()
+    border[:, :2] = border[:, -2:] = border[:, :, :2] = border[:, :, -2:] = 7.0
+    inside[:, 2, 2] += 1.0  # the first pixel the model sees
+    for base, same, moved in zip(logits(x), logits(border), logits(inside), strict=True):
+        np.testing.assert_array_equal(base, same)
+        assert np.abs(base - moved).max() > 1e-4
 
 
 def test_shifted_copies_move_a_pixel_half_a_patch_along_each_diagonal_in_both_frameworks():

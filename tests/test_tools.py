@@ -60,6 +60,8 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     (["--modes", "flax-fp64"], "unknown mode(s) ['flax-fp64']"),
     (["--spt", "maybe"], "argument --spt: expected true or false, got 'maybe'"),
     (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),
+    (["--crop", "2", "--patch-size", "6", "--modes", "flax-fp32,timm-eager-fp32"],
+     "timm-* modes need --crop 0"),
 ])
 def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), *args,

@@ -19,6 +19,13 @@ from parity.config import ViTConfig
 
 
 # ---- patchify ----------------------------------------------------------------------
+def crop(images: Tensor, pixels: int) -> Tensor:
+    """(B, C, H, W) -> (B, C, H - 2 pixels, W - 2 pixels): the central part (config.crop)."""
+    if pixels == 0:
+        return images
+    return images[:, :, pixels:-pixels, pixels:-pixels]
+
+
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """(B, C, H, W) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
     b, c, h, w = images.shape
@@ -230,6 +237,7 @@ class ViT(nn.Module):
     def embed(self, images: Tensor, out: dict[str, Tensor]) -> Tensor:
         """Eq. 1: (B, C, H, W) -> z0 (B, T, D)."""
         c = self.config
+        images = crop(images, c.crop)  # (B, C, H - 2 crop, W - 2 crop)
         if c.spt:  # (B, N, p*p*5C), each token normalized
             patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
         else:

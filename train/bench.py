@@ -390,11 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_options(p)
     args = p.parse_args(argv)
     try:
-        config_from_options(args.preset, args)  # refuses a bad config before any work
+        config = config_from_options(args.preset, args)  # refuses a bad config before any work
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
+    if config.crop and any(m in REFERENCE_MODES for m in modes):
+        print("error: timm's ViT takes the whole image: the timm-* modes need --crop 0", file=sys.stderr)
+        return 2
     unknown = [m for m in modes if m not in MODES + REFERENCE_MODES]
     if any(m in REFERENCE_MODES for m in modes) and importlib.util.find_spec("timm") is None:
         print("error: the timm-* modes time timm's ViT, and timm is not installed "

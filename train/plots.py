@@ -313,7 +313,8 @@ def draw_posemb(path: Path, config: ViTConfig, table: np.ndarray) -> Path:
 
 def draw_patches(path: Path, config: ViTConfig, image: np.ndarray, label: int, row: int) -> Path:
     p = config.patch_size
-    patches = reference.patchify(image[None, :, :, None], p)[0]  # (N, p*p)
+    seen = reference.crop(image[None, :, :, None], config.crop)  # (1, *config.seen, 1)
+    patches = reference.patchify(seen, p)[0]  # (N, p*p)
     fig = _figure("patches")
     left, right = fig.subplots(1, 2)
     im = left.imshow(image, cmap="gray", vmin=0, vmax=255)
@@ -324,7 +325,15 @@ def draw_patches(path: Path, config: ViTConfig, image: np.ndarray, label: int, r
     right.imshow(mosaic(patches.reshape(-1, p, p).astype(np.float64), config.grid, gap),
                  cmap=_cmap("gray", bad="#d0d0ff"), vmin=0, vmax=255, interpolation="nearest")
     _grid_ticks(right, config.grid, p, gap)
-    right.set_title(f"{config.num_patches} patches of {p}x{p} = the tokens x_p^1..x_p^{config.num_patches}")
+    cropped = ""
+    if config.crop:  # the part the model sees, framed on the image
+        from matplotlib.patches import Rectangle
+
+        (h, w), k = config.seen, config.crop
+        left.add_patch(Rectangle((k - 0.5, k - 0.5), w, h, fill=False, edgecolor="#d0d0ff", linewidth=1.5))
+        cropped = f"\n(the central {h}x{w}, framed)"
+    right.set_title(f"{config.num_patches} patches of {p}x{p} = the tokens "
+                    f"x_p^1..x_p^{config.num_patches}{cropped}")
     right.set_xlabel("patch column")
     right.set_ylabel("patch row")
     fig.colorbar(im, ax=[left, right], label="pixel value", shrink=0.8)
@@ -415,8 +424,9 @@ def draw_attention(path: Path, config: ViTConfig, images: np.ndarray, maps: np.n
         ax_map.set_yticks(range(config.grid[0]), [str(r + 1) for r in range(config.grid[0])])
         fig.colorbar(im, ax=ax_map, label="rollout weight")
         ax_over.imshow(images[n], cmap="gray", vmin=0, vmax=255, extent=(0, w, h, 0))
+        k = config.crop  # the patches cover the image less k pixels on every side
         im = ax_over.imshow(maps[n] / max(float(maps[n].max()), 1e-12), cmap="inferno", alpha=0.55,
-                            vmin=0, vmax=1, extent=(0, w, h, 0), interpolation="bilinear")
+                            vmin=0, vmax=1, extent=(k, w - k, h - k, k), interpolation="bilinear")
         fig.colorbar(im, ax=ax_over, label="rollout / its max")
         for ax in (ax_img, ax_over):
             ax.set_xticks([])
