@@ -368,6 +368,11 @@ PLANS: dict[str, dict] = {
     # train.csv's images (over 1% of it on 10.8%), and more under the shifts of augmentation.
     # Seeds 0 and 1 of the recipe, paired with plan cpu-z's stage 1 (the same AMD EPYC with AVX-512).
     "cpu-crop": one_change_each((("crop2-p6", ["--crop", "2", "--patch-size", "6"]),)),
+    # The same 16 tokens of 6x6 over the central 24x24 on the default command (preset `cpu`, 22
+    # epochs), seeds 0, 1 and 2, paired with plan cpu-default-noema's runs of the default.
+    "cpu-default-crop": {"runs": [G("cpu-crop2-p6", ["--crop", "2", "--patch-size", "6"], s) for s in (0, 1, 2)],
+                         "ensembles": [(f"cpu-crop2-p6-s{s}-tta-final", [f"cpu-crop2-p6-s{s}"], True, "final")
+                                       for s in (0, 1, 2)]},
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
