@@ -356,6 +356,9 @@ PLANS: dict[str, dict] = {
     # long and its warm-up ends lower (0.9986 at its last step, ~6,500). Seeds 0, 1 and 2, each
     # run side by side with its pair (the default, same seed, same machine), each scored with TTA
     # on its final weights too.
+    # Result (2026-12-05, docs/results/cpu-default-noema.json, row 30): final 99.07% +- 0.05 against
+    # 99.06% +- 0.08 (+2/-1/0 images), with TTA 99.23% +- 0.04 against 99.25% +- 0.04 (0/-2/-1); but
+    # 99.0% at epochs 16, 15, 14 without the EMA against 14, 12, 11 with it: the default keeps it.
     "cpu-default-noema": {
         "runs": [G(name, extra, s) for s in (0, 1, 2)
                  for name, extra in (("cpu", []), ("cpu-ema0", ["--ema-decay", "0"]))],
