@@ -371,6 +371,12 @@ PLANS: dict[str, dict] = {
     # train.csv's images (over 1% of it on 10.8%), and more under the shifts of augmentation.
     # Seeds 0 and 1 of the recipe, paired with plan cpu-z's stage 1 (the same AMD EPYC with AVX-512).
     "cpu-crop": one_change_each((("crop2-p6", ["--crop", "2", "--patch-size", "6"]),)),
+    # A third seed for cpu-crop: the recipe's seed 2 and its crop2-p6 twin, side by side.
+    "cpu-crop-s2": {"runs": [G(name, [*E44_CLEAN4, *extra], 2) for name, extra in (
+                        ("e44-elastic17-clean4", []),
+                        ("e44-elastic17-clean4-crop2-p6", ["--crop", "2", "--patch-size", "6"]))],
+                    "ensembles": [(f"{name}-s2-tta-final", [f"{run}-s2"], True, "final") for name, run in (
+                        ("recipe", "e44-elastic17-clean4"), ("crop2-p6", "e44-elastic17-clean4-crop2-p6"))]},
     # The same 16 tokens of 6x6 over the central 24x24 on the default command (preset `cpu`, 22
     # epochs), seeds 0, 1 and 2, paired with plan cpu-default-noema's runs of the default.
     "cpu-default-crop": {"runs": [G("cpu-crop2-p6", ["--crop", "2", "--patch-size", "6"], s) for s in (0, 1, 2)],
