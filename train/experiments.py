@@ -370,6 +370,10 @@ PLANS: dict[str, dict] = {
     # instead of 49: finer, as patch 4 is, without its 49 tokens. The crop loses ink on 12% of
     # train.csv's images (over 1% of it on 10.8%), and more under the shifts of augmentation.
     # Seeds 0 and 1 of the recipe, paired with plan cpu-z's stage 1 (the same AMD EPYC with AVX-512).
+    # Result (2026-12-05, docs/results/cpu-crop.json and cpu-crop-s2.json, row 31; seed 2 in plan
+    # cpu-crop-s2): final 99.43%, 99.36%, 99.29% against 99.45%, 99.33%, 99.29% (-1/+1/0 images),
+    # with TTA 99.52%, 99.50%, 99.50% = 99.51% +- 0.01 against 99.48%, 99.38%, 99.38% (+2/+5/+5):
+    # the patch-4 recipe's TTA level at patch 7's cost.
     "cpu-crop": one_change_each((("crop2-p6", ["--crop", "2", "--patch-size", "6"]),)),
     # A third seed for cpu-crop: the recipe's seed 2 and its crop2-p6 twin, side by side.
     "cpu-crop-s2": {"runs": [G(name, [*E44_CLEAN4, *extra], 2) for name, extra in (
@@ -379,6 +383,8 @@ PLANS: dict[str, dict] = {
                         ("recipe", "e44-elastic17-clean4"), ("crop2-p6", "e44-elastic17-clean4-crop2-p6"))]},
     # The same 16 tokens of 6x6 over the central 24x24 on the default command (preset `cpu`, 22
     # epochs), seeds 0, 1 and 2, paired with plan cpu-default-noema's runs of the default.
+    # Result (2026-12-05, docs/results/cpu-default-crop.json, row 32): 99.06% +- 0.13 against 99.06%
+    # +- 0.08 (-1/-5/+6 images), with TTA 99.24% +- 0.03 against 99.25% +- 0.04: nothing on the default.
     "cpu-default-crop": {"runs": [G("cpu-crop2-p6", ["--crop", "2", "--patch-size", "6"], s) for s in (0, 1, 2)],
                          "ensembles": [(f"cpu-crop2-p6-s{s}-tta-final", [f"cpu-crop2-p6-s{s}"], True, "final")
                                        for s in (0, 1, 2)]},
