@@ -391,6 +391,9 @@ PLANS: dict[str, dict] = {
     # Fewer, coarser tokens over the digit: 9 patches of 8x8 over the central 24x24 (10 tokens
     # with the class token against 17), a cheaper step for the default, which is limited by its
     # training length. Seeds 0-2, paired as cpu-default-crop.
+    # Result (2026-12-05, docs/results/cpu-default-crop-p8.json, row 33): a step 1.5x cheaper (4 min
+    # 26 s a run alone against 6 min 26 s); final 99.04% +- 0.14, +7/-11/+1 images against the pairs,
+    # with TTA +1/-8/+2: scattered, not adopted.
     "cpu-default-crop-p8": {"runs": [G("cpu-crop2-p8", ["--crop", "2", "--patch-size", "8"], s)
                                      for s in (0, 1, 2)],
                             "ensembles": [(f"cpu-crop2-p8-s{s}-tta-final", [f"cpu-crop2-p8-s{s}"], True, "final")
