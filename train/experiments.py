@@ -61,6 +61,9 @@ OPTIMIZER_SETTINGS = (("wd0.01", ["--weight-decay", "0.01"]), ("bs64", ["--batch
 SCALED_BATCHES = (("bs256-lr4e-3", ["--batch-size", "256", "--lr", "4e-3"]),
                   ("bs256-lr3e-3", ["--batch-size", "256", "--lr", "3e-3"]))
 
+# the patch grid moved onto the digit: patch 7's 16 tokens as 6x6 patches of the central 24x24
+CROP2_P6 = ["--crop", "2", "--patch-size", "6"]
+
 # plan cpu-u's pair: the recipe and its 5-epoch warm-up (name, run-name suffix, options)
 WARMUP_PAIR = (("recipe", "", []), ("warmup5", "-warmup5", ["--warmup-epochs", "5"]))
 
@@ -74,6 +77,12 @@ def G(name: str, args: list[str], seed: int) -> dict:
 CPU_W_TEACHER = "runs/cpu-w/e44-elastic17-clean4-sam0.05-s0/model.safetensors"
 # plan cpu-z's teacher: its own stage 1's recipe run of seed 0, final weights
 BORN_AGAIN_TEACHER = "{out}/e44-elastic17-clean4-s0/model.safetensors"
+
+
+def each_with_tta(runs: list[dict]) -> dict:
+    """A plan of these runs, each also scored with TTA on its final weights (a one-member
+    ensemble named after the run)."""
+    return {"runs": runs, "ensembles": [(f"{r['name']}-tta-final", [r["name"]], True, "final") for r in runs]}
 
 
 def one_change_each(settings: tuple) -> dict:
@@ -359,11 +368,8 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-05, docs/results/cpu-default-noema.json, row 30): final 99.07% +- 0.05 against
     # 99.06% +- 0.08 (+2/-1/0 images), with TTA 99.23% +- 0.04 against 99.25% +- 0.04 (0/-2/-1); but
     # 99.0% at epochs 16, 15, 14 without the EMA against 14, 12, 11 with it: the default keeps it.
-    "cpu-default-noema": {
-        "runs": [G(name, extra, s) for s in (0, 1, 2)
-                 for name, extra in (("cpu", []), ("cpu-ema0", ["--ema-decay", "0"]))],
-        "ensembles": [(f"{name}-s{s}-tta-final", [f"{name}-s{s}"], True, "final")
-                      for s in (0, 1, 2) for name in ("cpu", "cpu-ema0")]},
+    "cpu-default-noema": each_with_tta([G(name, extra, s) for s in (0, 1, 2)
+                                        for name, extra in (("cpu", []), ("cpu-ema0", ["--ema-decay", "0"]))]),
     # The patch grid moved onto the digit: MNIST's digits sit in the central 20x20 of their
     # 28x28, so most of patch 7's 16 tokens are half border. `--crop 2 --patch-size 6` makes
     # the same 16 tokens of the central 24x24 (the same cost a step), patches of 36 pixels
@@ -374,30 +380,26 @@ PLANS: dict[str, dict] = {
     # cpu-crop-s2): final 99.43%, 99.36%, 99.29% against 99.45%, 99.33%, 99.29% (-1/+1/0 images),
     # with TTA 99.52%, 99.50%, 99.50% = 99.51% +- 0.01 against 99.48%, 99.38%, 99.38% (+2/+5/+5):
     # the patch-4 recipe's TTA level at patch 7's cost.
-    "cpu-crop": one_change_each((("crop2-p6", ["--crop", "2", "--patch-size", "6"]),)),
+    "cpu-crop": one_change_each((("crop2-p6", CROP2_P6),)),
     # A third seed for cpu-crop: the recipe's seed 2 and its crop2-p6 twin, side by side.
     "cpu-crop-s2": {"runs": [G(name, [*E44_CLEAN4, *extra], 2) for name, extra in (
                         ("e44-elastic17-clean4", []),
-                        ("e44-elastic17-clean4-crop2-p6", ["--crop", "2", "--patch-size", "6"]))],
+                        ("e44-elastic17-clean4-crop2-p6", CROP2_P6))],
                     "ensembles": [(f"{name}-s2-tta-final", [f"{run}-s2"], True, "final") for name, run in (
                         ("recipe", "e44-elastic17-clean4"), ("crop2-p6", "e44-elastic17-clean4-crop2-p6"))]},
     # The same 16 tokens of 6x6 over the central 24x24 on the default command (preset `cpu`, 22
     # epochs), seeds 0, 1 and 2, paired with plan cpu-default-noema's runs of the default.
     # Result (2026-12-05, docs/results/cpu-default-crop.json, row 32): 99.06% +- 0.13 against 99.06%
     # +- 0.08 (-1/-5/+6 images), with TTA 99.24% +- 0.03 against 99.25% +- 0.04: nothing on the default.
-    "cpu-default-crop": {"runs": [G("cpu-crop2-p6", ["--crop", "2", "--patch-size", "6"], s) for s in (0, 1, 2)],
-                         "ensembles": [(f"cpu-crop2-p6-s{s}-tta-final", [f"cpu-crop2-p6-s{s}"], True, "final")
-                                       for s in (0, 1, 2)]},
+    "cpu-default-crop": each_with_tta([G("cpu-crop2-p6", CROP2_P6, s) for s in (0, 1, 2)]),
     # Fewer, coarser tokens over the digit: 9 patches of 8x8 over the central 24x24 (10 tokens
     # with the class token against 17), a cheaper step for the default, which is limited by its
     # training length. Seeds 0-2, paired as cpu-default-crop.
     # Result (2026-12-05, docs/results/cpu-default-crop-p8.json, row 33): a step 1.5x cheaper (4 min
     # 26 s a run alone against 6 min 26 s); final 99.04% +- 0.14, +7/-11/+1 images against the pairs,
     # with TTA +1/-8/+2: scattered, not adopted.
-    "cpu-default-crop-p8": {"runs": [G("cpu-crop2-p8", ["--crop", "2", "--patch-size", "8"], s)
-                                     for s in (0, 1, 2)],
-                            "ensembles": [(f"cpu-crop2-p8-s{s}-tta-final", [f"cpu-crop2-p8-s{s}"], True, "final")
-                                          for s in (0, 1, 2)]},
+    "cpu-default-crop-p8": each_with_tta([G("cpu-crop2-p8", ["--crop", "2", "--patch-size", "8"], s)
+                                          for s in (0, 1, 2)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
