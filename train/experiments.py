@@ -405,12 +405,12 @@ PLANS: dict[str, dict] = {
     # cheaper step too. Plan cpu-n's runs of the recipe (99.40% +- 0.13, with TTA 99.53% +- 0.04)
     # ran on another machine, and a run repeats only on its own kind of machine, so the recipe
     # runs again here: seeds 0 and 1 of each, each scored with TTA on its final weights too.
-    # Result (2026-12-06, docs/results/cpu-p4-crop.json, row 34): the recipe's seed 0 repeated
+    # Result (2026-12-06, docs/results/cpu-p4-crop.json, README ablation): the recipe's seed 0 repeated
     # cpu-n's run to the bit after all (the same validation and training accuracy every epoch
     # shown), so the runner was stopped after seed 0's pair and the crop's seed 1 ran alone (with
     # `--only p4-e40-elastic17-crop2-s1`), paired with cpu-n's seed 1. Final 99.26%, 99.29%
     # (-12/+0 images), with TTA 99.45%, 99.45% (-5/-3); a step 1.4x cheaper
-    # (468 against 335 img/s side by side, 909 alone against about 650). Not adopted.
+    # (468 against 335 img/s side by side, 977 alone (median of epochs) against about 650). Not adopted.
     "cpu-p4-crop": each_with_tta([G(name, [*P4_ELASTIC17, *extra], s) for s in (0, 1)
                                   for name, extra in (("p4-e40-elastic17", []),
                                                       ("p4-e40-elastic17-crop2", ["--crop", "2"]))]),
