@@ -110,6 +110,21 @@ def test_curves_posemb_and_attention_come_from_the_run(runs, comp, framework):
         assert (maps.sum(axis=(1, 2)) < 1).all()
 
 
+def test_the_plotted_weights_are_those_the_summary_names_as_the_submission_s(tmp_path):
+    # best.safetensors unless the run submitted its final weights (--submit-weights final); a run
+    # cut short has no summary.json yet, and then the best epoch's weights are drawn if there are any.
+    for name in ("best.safetensors", "model.safetensors"):
+        (tmp_path / name).write_bytes(b"weights")
+    assert plots.weights_path(tmp_path).name == "best.safetensors"
+    for named in ("model.safetensors", "best.safetensors"):
+        (tmp_path / "summary.json").write_text(json.dumps({"submission_weights": named}))
+        assert plots.weights_path(tmp_path).name == named
+    (tmp_path / "summary.json").write_text("{not json")
+    assert plots.weights_path(tmp_path).name == "best.safetensors"
+    (tmp_path / "best.safetensors").unlink()
+    assert plots.weights_path(tmp_path).name == "model.safetensors"
+
+
 def test_rollout_averages_heads_adds_the_residual_and_multiplies_the_layers():
     rng = np.random.default_rng(0)
     layers = [rng.dirichlet(np.ones(5), size=(2, 3, 5)) for _ in range(3)]  # (B, heads, T, T), rows sum 1

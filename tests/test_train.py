@@ -102,17 +102,25 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
         assert "avx2" in env["cpu_isa"]
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_tta_run_reports_the_validation_accuracy_of_its_submission_weights_with_tta(framework, comp, tmp_path):
+@pytest.mark.parametrize("framework, submit", [("flax", None), ("torch", None), ("flax", "final"),
+                                               ("torch", "final")])
+def test_tta_run_reports_the_validation_accuracy_of_its_submission_weights_with_tta(framework, submit, comp,
+                                                                                     tmp_path):
+    # By default the submission comes from the best epoch's weights; --submit-weights final
+    # takes the weights at the end instead (the better choice on the long recipes under TTA).
     args = ["--data", str(comp), "--limit-train", "600", *FAST]
-    proc = trainer(framework, "--out", str(tmp_path / "run"), "--epochs", "2", "--tta", *args)
+    choice = ["--submit-weights", submit] if submit else []
+    proc = trainer(framework, "--out", str(tmp_path / "run"), "--epochs", "2", "--tta", *choice, *args)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["submission_weights"] == "best.safetensors" and summary["tta"]
+    weights = "model.safetensors" if submit == "final" else "best.safetensors"
+    assert summary["submission_weights"] == weights and summary["tta"]
+    assert f"weights: {weights}, TTA" in proc.stderr.strip().splitlines()[-1]
     assert f"{summary['tta_val_acc']:.4f} with TTA" in proc.stderr.strip().splitlines()[-1]
-    # the same number as scoring those weights again, with TTA, through --eval-only
+    # the same number and submission as scoring those weights again, with TTA, through --eval-only
     again = trainer(framework, "--eval-only", "--tta", "--checkpoint",
-                    str(tmp_path / "run" / "best.safetensors"), "--out", str(tmp_path / "e"), *args)
+                    str(tmp_path / "run" / weights), "--out", str(tmp_path / "e"), *args)
     assert f"val acc {summary['tta_val_acc']:.4f} on 120 images" in again.stderr
+    assert (tmp_path / "run" / "submission.csv").read_bytes() == (tmp_path / "e" / "submission.csv").read_bytes()
 
 
 def test_tta_submission_is_written(flax_run, comp, tmp_path):

@@ -126,8 +126,8 @@ RECIPE_HELP = {
 
 # Options that change nothing about the run's result, so a resume may give other values.
 # (--cpu-devices changes only the order of the gradient sums, so float rounding.)
-RESUMABLE_FREELY = {"data", "out", "resume", "tta", "limit_test", "quiet", "compile", "plots",
-                    "no_plots", "cpu_devices"}
+RESUMABLE_FREELY = {"data", "out", "resume", "tta", "submit_weights", "limit_test", "quiet",
+                    "compile", "plots", "no_plots", "cpu_devices"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -155,6 +155,10 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="continue the run in DIR from its last completed epoch")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average predictions over small shifts")
+    p.add_argument("--submit-weights", dest="submit_weights", default=None, choices=["best", "final"],
+                   help="the weights that make the submission (and, with --tta, its validation "
+                        "score): the best epoch's on the validation split (default) or the final "
+                        "ones, which were never chosen on it; without a split always the final ones")
     p.add_argument("--pseudo-labels", default=None, metavar="CSV",
                    help="also train on the test.csv images labelled in CSV (columns ImageId,Label: "
                         "a submission.csv, or what train/ensemble.py --pseudo-labels writes); "
@@ -626,6 +630,14 @@ def environment() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_isa": [x for x in CPU_ISA if x in flags], "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             **libraries, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def submission_weights(out: Path, best: dict[str, Any], options: dict[str, Any]) -> Path:
+    """The file the submission comes from: best.safetensors if there was a validation split and
+    --submit-weights is not `final`, else model.safetensors (the weights at the end)."""
+    if best["epoch"] > 0 and options.get("submit_weights") != "final":
+        return out / "best.safetensors"
+    return out / "model.safetensors"
 
 
 def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, Any],

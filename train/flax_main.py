@@ -206,7 +206,7 @@ def run(args) -> int:
         return 0
     final = W.flax_to_canonical(jax.device_get(weights_of(state)))
     W.save(out / "model.safetensors", final, config)
-    chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
+    chosen = common.submission_weights(out, best, spec.options)
     tensors, _ = W.load(chosen, config)
     params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(tensors, config))
     tta = bool(spec.options.get("tta"))

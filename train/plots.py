@@ -118,7 +118,14 @@ def curves_of(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def weights_path(run_dir: Path) -> Path:
-    """The weights the trainer wrote the submission with: best.safetensors, else model.safetensors."""
+    """The weights the trainer wrote the submission with: those summary.json names (a finished
+    run's), else best.safetensors, else model.safetensors."""
+    try:
+        named = json.loads((run_dir / "summary.json").read_text())["submission_weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        named = None
+    if named in ("best.safetensors", "model.safetensors") and (run_dir / named).is_file():
+        return run_dir / named
     for name in ("best.safetensors", "model.safetensors"):
         if (run_dir / name).is_file():
             return run_dir / name

@@ -219,7 +219,7 @@ def run(args) -> int:
         if not lead:
             return 0
     W.save(out / "model.safetensors", W.torch_to_canonical(trainer.eval_state()), config)
-    chosen = out / ("best.safetensors" if best["epoch"] > 0 else "model.safetensors")
+    chosen = common.submission_weights(out, best, spec.options)
     tensors, _ = W.load(chosen, config)
     eval_model.load_state_dict(W.canonical_to_torch(tensors, config))
     tta = bool(spec.options.get("tta"))
