@@ -424,8 +424,8 @@ def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
     if args.checkpoint and not args.eval_only:
         raise UsageError("--checkpoint is read only by --eval-only (to continue a run: --resume DIR)")
     if args.eval_only:  # it scores --checkpoint as it is: refuse the inputs only training reads
-        unused = [f"--{k.replace('_', '-')}" for k in ("resume", "pseudo_labels", "teacher")
-                  if getattr(args, k)]
+        unused = [f"--{k.replace('_', '-')}"
+                  for k in ("resume", "pseudo_labels", "teacher", "submit_weights") if getattr(args, k)]
         if unused:
             raise UsageError(f"--eval-only scores --checkpoint as it is; only training reads "
                              f"{', '.join(unused)}")
