@@ -418,8 +418,13 @@ PLANS: dict[str, dict] = {
     # cropped patch-6 recipe reached 99.52%, 99.50%, 99.50% with TTA on its final weights (plans
     # cpu-crop, cpu-crop-s2), but its runs shared the machine two at a time; here its seed 0
     # alone (--jobs 1), for the wall time from launch to a TTA score of 99.5%.
+    # Result (2026-12-06, docs/results/cpu-crop-alone.json): 703 s from launch to exit, then 23 s
+    # for TTA on the final weights, 99.52%; the run repeated cpu-crop's seed 0 to the bit.
     "cpu-crop-alone": each_with_tta([G("e44-elastic17-clean4-crop2-p6", [*E44_CLEAN4, *CROP2_P6], 0)]),
     # ... and whether a quarter fewer epochs (33, the last 4 clean) still gets there: seeds 0-2.
+    # Result (2026-12-06, docs/results/cpu-crop-e33.json, row 35): final 99.39% +- 0.01 (level with
+    # 44 epochs' 99.36% +- 0.07), with TTA 99.43% +- 0.03 against 99.51% +- 0.01 (-5/-3/-2
+    # images): no seed at 99.5%, so 44 epochs stay.
     "cpu-crop-e33": each_with_tta([G("e33-elastic17-clean4-crop2-p6",
                                      ["--epochs", "33", *STRONG_AUG, "--elastic", "17", "--clean-epochs", "4",
                                       *CROP2_P6], s) for s in (0, 1, 2)]),
