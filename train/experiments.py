@@ -430,6 +430,8 @@ PLANS: dict[str, dict] = {
                                       *CROP2_P6], s) for s in (0, 1, 2)]),
     # ... and the other way: half as many epochs again (66, the last 4 clean), since cutting to 33
     # took most of the TTA gain away (is the cropped model's TTA gain still growing at 44?).
+    # Result (2026-12-06, docs/results/cpu-crop-e66.json, row 36): final 99.37% +- 0.04 (-4/+1/+5
+    # images), with TTA 99.52% +- 0.05 (+1/-2/+2): level; 44 epochs stay.
     "cpu-crop-e66": each_with_tta([G("e66-elastic17-clean4-crop2-p6",
                                      ["--epochs", "66", *STRONG_AUG, "--elastic", "17", "--clean-epochs", "4",
                                       *CROP2_P6], s) for s in (0, 1, 2)]),
