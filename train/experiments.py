@@ -45,6 +45,11 @@ E44_ELASTIC17 = [*E44, "--elastic", "17"]
 E44_CLEAN4 = [*E44_ELASTIC17, "--clean-epochs", "4"]
 
 
+def e_clean4(epochs: int) -> list[str]:
+    """That recipe at another length (the last 4 epochs still clean)."""
+    return ["--epochs", str(epochs), *E44_CLEAN4[2:]]
+
+
 # the best CPU recipe (patch 4, 40 epochs, stronger augmentation) with half-strength elastic
 P4_ELASTIC17 = ["--patch-size", "4", "--epochs", "40", *STRONG_AUG, "--elastic", "17"]
 
@@ -426,15 +431,13 @@ PLANS: dict[str, dict] = {
     # 44 epochs' 99.36% +- 0.07), with TTA 99.43% +- 0.03 against 99.51% +- 0.01 (-5/-3/-2
     # images): no seed at 99.5%, so 44 epochs stay.
     "cpu-crop-e33": each_with_tta([G("e33-elastic17-clean4-crop2-p6",
-                                     ["--epochs", "33", *STRONG_AUG, "--elastic", "17", "--clean-epochs", "4",
-                                      *CROP2_P6], s) for s in (0, 1, 2)]),
+                                     [*e_clean4(33), *CROP2_P6], s) for s in (0, 1, 2)]),
     # ... and the other way: half as many epochs again (66, the last 4 clean), since cutting to 33
     # took most of the TTA gain away (is the cropped model's TTA gain still growing at 44?).
     # Result (2026-12-06, docs/results/cpu-crop-e66.json, row 36): final 99.37% +- 0.04 (-4/+1/+5
     # images), with TTA 99.52% +- 0.05 (+1/-2/+2): level; 44 epochs stay.
     "cpu-crop-e66": each_with_tta([G("e66-elastic17-clean4-crop2-p6",
-                                     ["--epochs", "66", *STRONG_AUG, "--elastic", "17", "--clean-epochs", "4",
-                                      *CROP2_P6], s) for s in (0, 1, 2)]),
+                                     [*e_clean4(66), *CROP2_P6], s) for s in (0, 1, 2)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
