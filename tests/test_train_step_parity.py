@@ -173,6 +173,9 @@ def test_the_warp_by_whole_pixels_is_an_exact_shift_with_black_edges():
     x = jnp.asarray(np.random.default_rng(1).random((3, 28, 20, 1), dtype=np.float32))
     ones, zeros = jnp.ones(3), jnp.zeros(3)
     np.testing.assert_array_equal(jt.warp(x, zeros, ones, zeros, jnp.zeros((3, 2))), x)
+    # the PyTorch twin's identity keeps the edge pixels too (its grid's rounding forgiven)
+    xt, z = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), torch.zeros(3)
+    np.testing.assert_allclose(tt.warp(xt, z, torch.ones(3), z, torch.zeros(3, 2)), xt, atol=1e-5)
     for dy, dx in ((2, 0), (0, -3), (-1, 27), (5, 4)):
         got = jt.warp(x, zeros, ones, zeros, jnp.tile(jnp.array([dy, dx], jnp.float32), (3, 1)))
         np.testing.assert_allclose(got, jt.shift_images(x, -dy, -dx), atol=1e-6)

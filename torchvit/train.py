@@ -188,6 +188,9 @@ def draw_mix(recipe, n: int, h: int, w: int, rows: slice, device) -> tuple[Tenso
     return mix_params(lam_mixup[rows], lam_cutmix[rows], u[rows], recipe, h, w)
 
 
+EDGE = 1e-4  # pixels: how far outside the edge pixels' centres a sample still counts as inside
+
+
 def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tensor,
          flow: Tensor | None = None) -> Tensor:
     """Affine warp per image, bilinear, black outside; angles in degrees, shift (row, col) pixels.
@@ -212,10 +215,12 @@ def warp(images: Tensor, angle: Tensor, zoom: Tensor, shear: Tensor, shift: Tens
     if flow is not None:  # pixels (row, col) -> normalized (x, y)
         grid = grid + torch.stack([flow[..., 1] * 2 / w, flow[..., 0] * 2 / h], -1)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    # As in the Flax twin, a sample point outside the pixel centres is black, not blended.
+    # As in the Flax twin, a sample point outside the pixel centres is black, not blended. The
+    # round trip through normalized coordinates puts even the identity's edge pixels up to ~1e-6
+    # px outside, which the Flax twin (in pixels throughout) does not: EDGE forgives that.
     col = ((grid[..., 0] + 1) * w - 1) / 2  # (B, H, W) source column of each output pixel
     row = ((grid[..., 1] + 1) * h - 1) / 2
-    inside = (col >= 0) & (col <= w - 1) & (row >= 0) & (row <= h - 1)
+    inside = (col >= -EDGE) & (col <= w - 1 + EDGE) & (row >= -EDGE) & (row <= h - 1 + EDGE)
     return out * inside[:, None].to(out.dtype)
 
 
