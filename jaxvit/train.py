@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvit.model import ViT, init_params
 from parity.config import ViTConfig
-from train.common import augmented_steps, augments, mixes, schedule_steps
+from train.common import annealed_steps, augmented_steps, augments, mixes, schedule_steps, warp_strength
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -77,20 +77,24 @@ def normalize(x: jax.Array) -> jax.Array:
     return (x - MEAN) / STD
 
 
-def augment(images: jax.Array, key: jax.Array, recipe) -> jax.Array:
+def augment(images: jax.Array, key: jax.Array, recipe, strength: jax.Array | None = None) -> jax.Array:
     """Random affine per image (rotation, zoom, shear, shift, each uniform about the identity),
-    plus an elastic distortion and a random erasing where the recipe asks for them."""
+    plus an elastic distortion and a random erasing where the recipe asks for them. A strength
+    (--aug-anneal's share of full, a scalar) scales the warps' bounds and the elastic size."""
     b, h, w = images.shape[:3]
     k_rot, k_zoom, k_shear, k_shift = jax.random.split(key, 4)
 
     def uniform(k, size, bound):
         return jax.random.uniform(k, size, minval=-bound, maxval=bound)
 
-    angle, zoom = uniform(k_rot, (b,), recipe.rotate), 1 + uniform(k_zoom, (b,), recipe.scale)
-    shear, shift = uniform(k_shear, (b,), recipe.shear), uniform(k_shift, (b, 2), recipe.translate)
+    def full(name):  # the recipe's bound, weakened by the strength when annealing
+        return getattr(recipe, name) if strength is None else getattr(recipe, name) * strength
+
+    angle, zoom = uniform(k_rot, (b,), full("rotate")), 1 + uniform(k_zoom, (b,), full("scale"))
+    shear, shift = uniform(k_shear, (b,), full("shear")), uniform(k_shift, (b, 2), full("translate"))
     flow = None
     if recipe.elastic > 0:  # keys folded in, so that the affine draws stay those of older runs
-        flow = elastic_flow(uniform(jax.random.fold_in(key, 1), (b, 2, h, w), 1.0), recipe.elastic,
+        flow = elastic_flow(uniform(jax.random.fold_in(key, 1), (b, 2, h, w), 1.0), full("elastic"),
                             recipe.elastic_sigma)
     out = warp(images, angle=angle, zoom=zoom, shear=shear, shift=shift, flow=flow)
     if recipe.erase > 0:
@@ -273,6 +277,7 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, PartitionSpec("data"))))
     augmenting, mixing = augments(recipe), mixes(recipe)
     aug_steps = augmented_steps(recipe, steps_per_epoch)
+    anneal_steps = annealed_steps(recipe, steps_per_epoch)
     classes = model.config.num_classes
 
     def train_step(state: State, images: jax.Array, labels: jax.Array, order: jax.Array,
@@ -283,7 +288,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         aug_key, drop_key = jax.random.split(jax.random.fold_in(base_key, step))
         targets = jax.nn.one_hot(y, classes)  # (B, K)
         if augmenting:  # the last --clean-epochs epochs keep the images as they are
-            x = jnp.where(step < aug_steps, augment(x, aug_key, recipe), x)
+            strength = None if anneal_steps == 0 else warp_strength(
+                step, aug_steps, anneal_steps, lambda v: jnp.clip(v, 0.0, 1.0))
+            x = jnp.where(step < aug_steps, augment(x, aug_key, recipe, strength), x)
         if mixing:  # pairs of images and their targets, after the warps
             mixed, mixed_targets = mix(x, targets, *draw_mix(jax.random.fold_in(aug_key, 3), recipe,
                                                              *x.shape[:3]))

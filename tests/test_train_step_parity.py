@@ -273,6 +273,49 @@ def test_clean_epochs_train_on_the_images_as_they_are_in_both_trainers():
     assert _one_step_losses(augmented, first_clean) == _one_step_losses(PLAIN, first_clean)
 
 
+def test_aug_anneal_weakens_the_warps_linearly_to_none_in_both_trainers():
+    """--aug-anneal: the strength is 1 until its last augmented steps, then falls linearly (the
+    same numbers in both twins, jnp's traced clip and Python's); a strength of 0 leaves the
+    images as they are, 1 is the unannealed warp to the bit, and in between warps less."""
+    from train.common import warp_strength
+
+    aug_steps, anneal_steps = 30, 10  # steps 20 .. 29 anneal
+    python = [warp_strength(s, aug_steps, anneal_steps) for s in range(35)]
+    traced = jax.jit(lambda s: warp_strength(s, aug_steps, anneal_steps, lambda v: jnp.clip(v, 0.0, 1.0)))
+    np.testing.assert_allclose([float(traced(np.int32(s))) for s in range(35)], python, rtol=1e-6)
+    assert python[:21] == [1.0] * 21 and python[29] == 0.1 and python[30:] == [0.0] * 5
+    assert np.allclose(np.diff(python[20:31]), -0.1)
+
+    # smooth images (a Gaussian blob each), whose change grows with how far the warp moves them
+    centres = np.random.default_rng(6).uniform(10, 18, (8, 2, 1, 1))
+    r, c = np.mgrid[:28, :28]
+    x = np.exp(-((r - centres[:, 0]) ** 2 + (c - centres[:, 1]) ** 2) / 50)[..., None].astype(np.float32)
+    recipe = Recipe(rotate=15, translate=3, scale=0.15, shear=10, elastic=17)
+    key, xt = jax.random.PRNGKey(1), torch.from_numpy(x).permute(0, 3, 1, 2)
+
+    def flax_aug(strength):
+        return np.asarray(jt.augment(jnp.asarray(x), key, recipe, strength))
+
+    def torch_aug(strength):
+        torch.manual_seed(1)
+        return tt.augment(xt, recipe, strength=strength).permute(0, 2, 3, 1).numpy()
+
+    for aug in (flax_aug, torch_aug):
+        full, half = aug(None), aug(0.5)
+        np.testing.assert_array_equal(aug(1.0), full)
+        np.testing.assert_allclose(aug(0.0), x, atol=1e-6)
+        assert 0.2 < np.abs(half - x).mean() / np.abs(full - x).mean() < 0.9
+
+
+def test_both_trainers_anneal_the_warps_over_the_last_augmented_steps():
+    """--aug-anneal 2 of 2 epochs (10 steps): step 9 warps at a tenth of full strength, so its
+    loss lies nearer the unaugmented step's than full strength's does."""
+    full = dataclasses.replace(PLAIN, rotate=15, translate=3, scale=0.15, elastic=17)
+    annealed = dataclasses.replace(full, aug_anneal=2)
+    weak, strong, plain = (np.array(_one_step_losses(r, 9)) for r in (annealed, full, PLAIN))
+    assert (np.abs(weak - plain) < np.abs(strong - plain)).all() and (weak != plain).all()
+
+
 def test_mixup_and_cutmix_are_the_same_in_both_trainers():
     rng = np.random.default_rng(5)
     x = rng.random((16, 28, 20, 1), dtype=np.float32)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from parity import weights as W
 from torchvit.model import ViT
-from train.common import augmented_steps, augments, lr_at, mixes, schedule_steps
+from train.common import annealed_steps, augmented_steps, augments, lr_at, mixes, schedule_steps, warp_strength
 
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, on [0, 1] images
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
@@ -68,9 +68,11 @@ def normalize(x: Tensor) -> Tensor:
     return (x - MEAN) / STD
 
 
-def augment(images: Tensor, recipe, rows: slice | None = None, global_batch: int | None = None) -> Tensor:
+def augment(images: Tensor, recipe, rows: slice | None = None, global_batch: int | None = None,
+            strength: float | None = None) -> Tensor:
     """Random affine per image (rotation, zoom, shear, shift, each uniform about the identity),
-    plus an elastic distortion and a random erasing where the recipe asks for them.
+    plus an elastic distortion and a random erasing where the recipe asks for them. A strength
+    (--aug-anneal's share of full) scales the warps' bounds and the elastic size.
 
     Under data parallelism each process draws the parameters of the whole global batch and
     keeps its own `rows`, so every image gets the warp it would get in a single process.
@@ -82,11 +84,14 @@ def augment(images: Tensor, recipe, rows: slice | None = None, global_batch: int
     def uniform(*shape, bound):
         return ((torch.rand((n, *shape), device=images.device) * 2 - 1) * bound)[rows]
 
-    angle, zoom = uniform(bound=recipe.rotate), 1 + uniform(bound=recipe.scale)
-    shear, shift = uniform(bound=recipe.shear), uniform(2, bound=recipe.translate)
+    def full(name):  # the recipe's bound, weakened by the strength when annealing
+        return getattr(recipe, name) if strength is None else getattr(recipe, name) * strength
+
+    angle, zoom = uniform(bound=full("rotate")), 1 + uniform(bound=full("scale"))
+    shear, shift = uniform(bound=full("shear")), uniform(2, bound=full("translate"))
     flow = None
     if recipe.elastic > 0:  # drawn after the affine numbers, so that those stay older runs'
-        flow = elastic_flow(uniform(2, h, w, bound=1.0), recipe.elastic, recipe.elastic_sigma)
+        flow = elastic_flow(uniform(2, h, w, bound=1.0), full("elastic"), recipe.elastic_sigma)
     out = warp(images, angle=angle, zoom=zoom, shear=shear, shift=shift, flow=flow)
     if recipe.erase > 0:
         u = torch.rand((n, 5), device=images.device)[rows]
@@ -256,6 +261,7 @@ class Trainer:
                     if recipe.ema_decay > 0 else None)
         self.augmenting, self.mixing = augments(recipe), mixes(recipe)
         self.aug_steps = augmented_steps(recipe, steps_per_epoch)
+        self.anneal_steps = annealed_steps(recipe, steps_per_epoch)
         self.dtype = dtype
         wrapped = model
         if world > 1:
@@ -282,7 +288,8 @@ class Trainer:
         y = labels[idx[rows]].long()  # (b,)
         targets = y  # class indices; (b, K) probabilities once mixed
         if self.augmenting and step < self.aug_steps:  # the last --clean-epochs epochs: as they are
-            x = augment(x, recipe, rows, idx.shape[0])
+            strength = None if self.anneal_steps == 0 else warp_strength(step, self.aug_steps, self.anneal_steps)
+            x = augment(x, recipe, rows, idx.shape[0], strength)
             if self.mixing:  # pairs of images and their targets, after the warps
                 one_hot = F.one_hot(y, self.model.config.num_classes).float()
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))

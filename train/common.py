@@ -47,6 +47,7 @@ class Recipe:
     mixup: float = 0.0  # Beta(a, a) of mixup: blend each image with its batch partner (0: off)
     cutmix: float = 0.0  # Beta(a, a) of CutMix: paste a box of the partner in (0: off)
     clean_epochs: int = 0  # the last N epochs train on the images as they are, unaugmented
+    aug_anneal: int = 0  # the warps' strength falls linearly to none over the last N augmented epochs
     repeat_aug: int = 1  # each augmented epoch takes 1/N of the images, each N times (1: off)
     val_fraction: float = 0.1
     split_seed: int = 0
@@ -54,6 +55,7 @@ class Recipe:
 
 
 AUGMENTATIONS = ("rotate", "translate", "scale", "shear", "elastic", "erase", "mixup", "cutmix")
+WARPS = AUGMENTATIONS[:5]  # what --aug-anneal weakens
 
 
 def mixes(recipe: Recipe) -> bool:
@@ -114,6 +116,10 @@ RECIPE_HELP = {
               "of the two, at even odds)",
     "clean_epochs": "train the last N epochs on the images as they are, without augmentation "
                     "(the learning-rate schedule unchanged; 0: augment to the end)",
+    "aug_anneal": "over the last N augmented epochs (those before --clean-epochs), the warps' "
+                  "strength falls linearly from full to none: the bounds of --rotate, --translate, "
+                  "--scale and --shear and the size of --elastic (not --erase, --mixup or "
+                  "--cutmix; 0: full strength to the end)",
     "repeat_aug": "repeated augmentation (Hoffer et al. 2020, as in DeiT): each augmented epoch "
                   "takes 1/N of the training images, each N times in a row, so that an image's "
                   "N copies share a batch, each augmented on its own; the steps are unchanged "
@@ -289,6 +295,12 @@ def check_recipe(r: Recipe) -> None:
          f"--mixup and --cutmix mix pairs of images: --batch-size must be even, got {r.batch_size}")
     need(0 <= r.clean_epochs <= r.epochs,
          f"--clean-epochs must be in [0, --epochs ({r.epochs})], got {r.clean_epochs}")
+    need(0 <= r.aug_anneal <= r.epochs - r.clean_epochs,
+         f"--aug-anneal must be in [0, --epochs - --clean-epochs ({r.epochs - r.clean_epochs})], "
+         f"got {r.aug_anneal}")
+    need(r.aug_anneal == 0 or any(getattr(r, k) > 0 for k in WARPS),
+         "--aug-anneal weakens the warps (--rotate, --translate, --scale, --shear, --elastic); "
+         "this recipe has none")
     need(r.repeat_aug >= 1, f"--repeat-aug must be at least 1, got {r.repeat_aug}")
     need(r.repeat_aug == 1 or augments(r),
          "--repeat-aug repeats images to augment each copy on its own; this recipe augments nothing")
@@ -330,6 +342,18 @@ def augmented_steps(recipe: Recipe, steps_per_epoch: int) -> int:
     """Steps 0 .. this - 1 augment their batch (when the recipe augments at all); the steps of
     the last --clean-epochs epochs train on the images as they are."""
     return (recipe.epochs - recipe.clean_epochs) * steps_per_epoch
+
+
+def annealed_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Over this many steps before augmented_steps, --aug-anneal weakens the warps to none."""
+    return recipe.aug_anneal * steps_per_epoch
+
+
+def warp_strength(step, aug_steps: int, anneal_steps: int, clip=lambda v: min(max(v, 0.0), 1.0)):
+    """The share of the warps' full strength at `step` under --aug-anneal (anneal_steps > 0):
+    1 until the last anneal_steps augmented steps, then falling linearly to 1 / anneal_steps
+    at the last one. `clip` keeps it in [0, 1]; the Flax twin passes jnp's, for a traced step."""
+    return clip((aug_steps - step) / anneal_steps)
 
 
 def epoch_indices(recipe: Recipe, num: int, epoch: int, steps_per_epoch: int):
