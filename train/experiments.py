@@ -493,15 +493,23 @@ PLANS: dict[str, dict] = {
         R("kaggle-e60-w384-lr2e-4-s0", [*KAGGLE_E60_TTA, *W384, "--lr", "2e-4"], "kaggle-e60-w384-lr2e-4"),
     ], "ensembles": [("w384-lr3e-4-ens3-tta", [f"kaggle-e60-w384-lr3e-4-s{s}" for s in (0, 1, 2)],
                       True, "final")]},
+    # ... with its warps weakened linearly to none over the last 10 of its 40 augmented epochs
+    # (--aug-anneal 10), then the 4 clean ones: a gentler way out of augmentation than the
+    # clean epochs alone, which gained +3/+4 images on patch 7. Seeds 0-2, paired with cpu-crop's.
+    "cpu-crop-anneal": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal10",
+                                        [*E44_CLEAN4, *CROP2_P6, "--aug-anneal", "10"], s) for s in (0, 1, 2)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
     # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
     # run alone for its launch-to-exit time, the trainer's own --tta on the final weights (what
     # the one-command CPU launch prints): at batch 512 (plan cpu-crop-b512) three seeds, the
-    # first with the compilation cache cold, then at the recipe's batch of 128, seed 0.
+    # first with the compilation cache cold, then at the recipe's batch of 128, seed 0, then
+    # seed 0 at 512 in float32 (the CPU's numbers are float32, a GPU run's bfloat16).
     "gpu-m": {"runs": [
         *[R(f"crop-b512-s{s}", [*E44_CLEAN4, *CROP2_P6, *B512, *CROP_LAUNCH, "--seed", str(s)], "crop-b512")
           for s in (0, 1, 2)],
         R("crop-b128-s0", [*E44_CLEAN4, *CROP2_P6, *CROP_LAUNCH], "crop-b128"),
+        R("crop-b512-fp32-s0", [*E44_CLEAN4, *CROP2_P6, *B512, *CROP_LAUNCH, "--dtype", "float32"],
+          "crop-b512-fp32"),
     ], "ensembles": []},
     # GPU, part F: part E's recipe with the EMA's decay warmed up (at batch 512 a plain 0.999
     # lagged the weights by ~13 epochs); seed 0 alone, for its wall time, then 1 and 2 at once.
