@@ -504,6 +504,9 @@ PLANS: dict[str, dict] = {
     # clean epochs alone, which gained +3/+4 images on patch 7. Seeds 0-2, paired with cpu-crop's.
     "cpu-crop-anneal": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal10",
                                         [*CROP_RECIPE, "--aug-anneal", "10"], s) for s in (0, 1, 2)]),
+    # ... the same over the last 20 of the 40 augmented epochs (seed 0 only: a second point)
+    "cpu-crop-anneal20": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal20",
+                                          [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
     # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
     # run alone for its launch-to-exit time, the trainer's own --tta on the final weights (what
