@@ -502,9 +502,13 @@ PLANS: dict[str, dict] = {
     # ... with its warps weakened linearly to none over the last 10 of its 40 augmented epochs
     # (--aug-anneal 10), then the 4 clean ones: a gentler way out of augmentation than the
     # clean epochs alone, which gained +3/+4 images on patch 7. Seeds 0-2, paired with cpu-crop's.
+    # Result (2026-12-06, docs/results/cpu-crop-anneal.json, -anneal-s2.json, row 38): final
+    # 99.42% +- 0.04 (+1/+3/+4 images), but with TTA 99.43% +- 0.06 against 99.51% +- 0.01
+    # (-5/0/-5): the plain score gains what TTA loses, as with the clean epochs. Not adopted.
     "cpu-crop-anneal": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal10",
                                         [*CROP_RECIPE, "--aug-anneal", "10"], s) for s in (0, 1, 2)]),
     # ... the same over the last 20 of the 40 augmented epochs (seed 0 only: a second point)
+    # Result (docs/results/cpu-crop-anneal20.json, row 38): final +1 image, with TTA -1 (99.50%).
     "cpu-crop-anneal20": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal20",
                                           [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
