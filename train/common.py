@@ -54,8 +54,8 @@ class Recipe:
     seed: int = 0
 
 
-AUGMENTATIONS = ("rotate", "translate", "scale", "shear", "elastic", "erase", "mixup", "cutmix")
-WARPS = AUGMENTATIONS[:5]  # what --aug-anneal weakens
+WARPS = ("rotate", "translate", "scale", "shear", "elastic")  # what --aug-anneal weakens
+AUGMENTATIONS = (*WARPS, "erase", "mixup", "cutmix")
 
 
 def mixes(recipe: Recipe) -> bool:
@@ -284,7 +284,7 @@ def check_recipe(r: Recipe) -> None:
     need(0 <= r.distill <= 1, f"--distill must be in [0, 1], got {r.distill}")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
-    for k in ("rotate", "translate", "scale", "shear", "elastic"):
+    for k in WARPS:
         need(getattr(r, k) >= 0, f"--{k} must be >= 0, got {getattr(r, k)}")
     need(r.scale < 1, f"--scale must be < 1, got {r.scale}")
     need(r.elastic_sigma > 0, f"--elastic-sigma must be > 0, got {r.elastic_sigma}")
