@@ -511,6 +511,9 @@ PLANS: dict[str, dict] = {
     # Result (docs/results/cpu-crop-anneal20.json, row 38): final +1 image, with TTA -1 (99.50%).
     "cpu-crop-anneal20": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal20",
                                           [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
+    # ... and seeds 3 and 4 of the cropped recipe itself: is its 99.51% +- 0.01 with TTA over
+    # three seeds as tight over five?
+    "cpu-crop-s34": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s) for s in (3, 4)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
     # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
     # run alone for its launch-to-exit time, the trainer's own --tta on the final weights (what
