@@ -513,6 +513,8 @@ PLANS: dict[str, dict] = {
                                           [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
     # ... and seeds 3 and 4 of the cropped recipe itself: is its 99.51% +- 0.01 with TTA over
     # three seeds as tight over five?
+    # Result (2026-12-06, docs/results/cpu-crop-s34.json, row 39): final 99.36%, 99.33%; with TTA
+    # 99.52%, 99.45%. Over five seeds 99.35% +- 0.05 final, 99.50% +- 0.03 with TTA.
     "cpu-crop-s34": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s) for s in (3, 4)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
     # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
