@@ -433,7 +433,7 @@ PLANS: dict[str, dict] = {
     # alone (--jobs 1), for the wall time from launch to a TTA score of 99.5%.
     # Result (2026-12-06, docs/results/cpu-crop-alone.json): 703 s from launch to exit, then 23 s
     # for TTA on the final weights, 99.52%; the run repeated cpu-crop's seed 0 to the bit.
-    "cpu-crop-alone": each_with_tta([G("e44-elastic17-clean4-crop2-p6", [*E44_CLEAN4, *CROP2_P6], 0)]),
+    "cpu-crop-alone": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, 0)]),
     # ... and whether a quarter fewer epochs (33, the last 4 clean) still gets there: seeds 0-2.
     # Result (2026-12-06, docs/results/cpu-crop-e33.json, row 35): final 99.39% +- 0.01 (level with
     # 44 epochs' 99.36% +- 0.07), with TTA 99.43% +- 0.03 against 99.51% +- 0.01 (-5/-3/-2
@@ -456,6 +456,23 @@ PLANS: dict[str, dict] = {
     # 1,384-1,410), so 128 stays; the GPU plan gpu-m tries 128 first.
     "cpu-crop-b512": each_with_tta([G("e44-elastic17-clean4-crop2-p6-b512",
                                       [*CROP_RECIPE, *B512], s) for s in (0, 1)]),
+    # ... with its warps weakened linearly to none over the last 10 of its 40 augmented epochs
+    # (--aug-anneal 10), then the 4 clean ones: a gentler way out of augmentation than the
+    # clean epochs alone, which gained +3/+4 images on patch 7. Seeds 0-2, paired with cpu-crop's.
+    # Result (2026-12-06, docs/results/cpu-crop-anneal.json, -anneal-s2.json, row 38): final
+    # 99.42% +- 0.04 (+1/+3/+4 images), but with TTA 99.43% +- 0.06 against 99.51% +- 0.01
+    # (-5/0/-5): the plain score gains what TTA loses, as with the clean epochs. Not adopted.
+    "cpu-crop-anneal": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal10",
+                                        [*CROP_RECIPE, "--aug-anneal", "10"], s) for s in (0, 1, 2)]),
+    # ... the same over the last 20 of the 40 augmented epochs (seed 0 only: a second point)
+    # Result (docs/results/cpu-crop-anneal20.json, row 38): final +1 image, with TTA -1 (99.50%).
+    "cpu-crop-anneal20": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal20",
+                                          [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
+    # ... and seeds 3 and 4 of the cropped recipe itself: is its 99.51% +- 0.01 with TTA over
+    # three seeds as tight over five?
+    # Result (2026-12-06, docs/results/cpu-crop-s34.json, row 39): final 99.36%, 99.33%; with TTA
+    # 99.52%, 99.45%. Over five seeds 99.35% +- 0.05 final, 99.50% +- 0.03 with TTA.
+    "cpu-crop-s34": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s) for s in (3, 4)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
@@ -499,23 +516,6 @@ PLANS: dict[str, dict] = {
         R("kaggle-e60-w384-lr2e-4-s0", [*KAGGLE_E60_TTA, *W384, "--lr", "2e-4"], "kaggle-e60-w384-lr2e-4"),
     ], "ensembles": [("w384-lr3e-4-ens3-tta", [f"kaggle-e60-w384-lr3e-4-s{s}" for s in (0, 1, 2)],
                       True, "final")]},
-    # ... with its warps weakened linearly to none over the last 10 of its 40 augmented epochs
-    # (--aug-anneal 10), then the 4 clean ones: a gentler way out of augmentation than the
-    # clean epochs alone, which gained +3/+4 images on patch 7. Seeds 0-2, paired with cpu-crop's.
-    # Result (2026-12-06, docs/results/cpu-crop-anneal.json, -anneal-s2.json, row 38): final
-    # 99.42% +- 0.04 (+1/+3/+4 images), but with TTA 99.43% +- 0.06 against 99.51% +- 0.01
-    # (-5/0/-5): the plain score gains what TTA loses, as with the clean epochs. Not adopted.
-    "cpu-crop-anneal": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal10",
-                                        [*CROP_RECIPE, "--aug-anneal", "10"], s) for s in (0, 1, 2)]),
-    # ... the same over the last 20 of the 40 augmented epochs (seed 0 only: a second point)
-    # Result (docs/results/cpu-crop-anneal20.json, row 38): final +1 image, with TTA -1 (99.50%).
-    "cpu-crop-anneal20": each_with_tta([G("e44-elastic17-clean4-crop2-p6-anneal20",
-                                          [*CROP_RECIPE, "--aug-anneal", "20"], 0)]),
-    # ... and seeds 3 and 4 of the cropped recipe itself: is its 99.51% +- 0.01 with TTA over
-    # three seeds as tight over five?
-    # Result (2026-12-06, docs/results/cpu-crop-s34.json, row 39): final 99.36%, 99.33%; with TTA
-    # 99.52%, 99.45%. Over five seeds 99.35% +- 0.05 final, 99.50% +- 0.03 with TTA.
-    "cpu-crop-s34": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s) for s in (3, 4)]),
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
     # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
     # run alone for its launch-to-exit time, the trainer's own --tta on the final weights (what
