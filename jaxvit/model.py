@@ -104,6 +104,33 @@ def fixed_posemb(config: ViTConfig) -> Array:
     return table
 
 
+def rope_angles(config: ViTConfig) -> Array:
+    """Axial 2-D RoPE (Heo et al. 2024): the angle each pair of head dims turns by, (T, hd/2).
+    The first hd/4 pairs turn by x w_i, the last hd/4 by y w_i, w_i = 100^(-i/(hd/4)), (x, y)
+    the patch's column and row; the class token's row is zero: it is not turned."""
+    rows, cols = config.grid
+    quarter = config.head_dim // 4
+    y, x = jnp.meshgrid(jnp.arange(rows, dtype=jnp.float32),
+                        jnp.arange(cols, dtype=jnp.float32), indexing="ij")  # (rows, cols)
+    omega = 1.0 / 100.0 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)  # (hd/4,)
+    x = x.reshape(-1)[:, None] * omega[None, :]  # (N, hd/4)
+    y = y.reshape(-1)[:, None] * omega[None, :]  # (N, hd/4)
+    angles = jnp.concatenate([x, y], axis=1)  # (N, hd/2)
+    if config.pool == "cls":
+        angles = jnp.concatenate([jnp.zeros((1, 2 * quarter)), angles], axis=0)  # (1+N, hd/2)
+    return angles
+
+
+def rope(x: Array, angles: Array) -> Array:
+    """Turn each pair (x_2i, x_2i+1) of the head dims by angles[t, i], in float32: (B, T, H, hd)
+    -> the same shape and dtype. Then q_s . k_t depends on the two patches' offset only."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # (B, T, H, hd/2, 2)
+    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # (T, 1, hd/2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # each (B, T, H, hd/2)
+    turned = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return turned.reshape(x.shape).astype(x.dtype)
+
+
 # ---- blocks ------------------------------------------------------------------------
 class Dense(nn.Dense):
     """nn.Dense's parameters and function, on a 2-D view (B*T, D) of its input, the bias added
@@ -156,6 +183,8 @@ class Attention(nn.Module):
         if c.lsa:  # learned per head, from the usual 1/sqrt(hd)
             self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.head_dim ** -0.5),
                                           (c.num_heads,))
+        if c.rope:  # a constant, computed when traced; not a parameter
+            self.rope_angles = rope_angles(c)  # (T, hd/2)
         self.proj = Dense(c.width, **dense)
         self.attn_drop = nn.Dropout(c.attn_dropout)
         self.proj_drop = nn.Dropout(c.dropout)
@@ -165,6 +194,9 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
+        if c.rope:  # relative position, in the attention logits
+            angles = self.rope_angles  # (T, hd/2)
+            q, k = rope(q, angles), rope(k, angles)
         scale, mask = c.head_dim ** -0.5, None
         if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
             # in float32, so that in bf16 the scale's gradient is a float32 sum, as in torch

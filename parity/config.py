@@ -50,6 +50,8 @@ class ViTConfig:
     # Lee et al. 2021, "Vision Transformer for Small-Size Datasets": both off in every preset.
     lsa: bool = False  # Locality Self-Attention: a learned logit scale per head, no token attends to itself
     spt: bool = False  # Shifted Patch Tokenization: the image and 4 half-patch diagonal shifts, LN, then E
+    # Heo et al. 2024, "Rotary Position Embedding for Vision Transformer" (RoPE-Axial): off in every preset.
+    rope: bool = False  # q and k of each patch token rotated by its column (first half) and row (second half)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +137,10 @@ class ViTConfig:
                                        f"got {self.patch_size}")
         if self.lsa:
             need(self.num_tokens >= 2, "lsa bars each token from itself: it needs 2+ tokens")
+        if self.rope:
+            need(self.head_dim % 4 == 0, f"rope rotates pairs of head dims, half by column and "
+                                         f"half by row: it needs head_dim (width / num_heads) "
+                                         f"divisible by 4, got {self.head_dim}")
 
     # ---- (de)serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -62,3 +62,28 @@ def posemb(config) -> np.ndarray:
     if config.pool == "cls":
         table = np.concatenate([np.zeros((1, config.width), np.float32), table])
     return table
+
+
+def rope_angles(config) -> np.ndarray:
+    """RoPE-Axial (Heo et al. 2024): patch (y, x) turns pair i of its head dims by x w_i for
+    i < hd/4 and by y w_(i - hd/4) after, w_j = 100^(-j / (hd/4)); the class token by nothing."""
+    rows, cols = config.grid
+    quarter = config.head_dim // 4
+    table = [np.zeros(2 * quarter)] if config.pool == "cls" else []
+    for y in range(rows):
+        for x in range(cols):
+            table.append([x / 100.0 ** (j / quarter) for j in range(quarter)]
+                         + [y / 100.0 ** (j / quarter) for j in range(quarter)])
+    return np.asarray(table, np.float32)  # (T, hd/2)
+
+
+def rope(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """(B, T, H, hd): each pair (x_2i, x_2i+1) of token t multiplied by the rotation matrix
+    [[cos a, -sin a], [sin a, cos a]], a = angles[t, i]."""
+    out = np.empty_like(x)
+    for t in range(x.shape[1]):
+        for i in range(x.shape[3] // 2):
+            a = angles[t, i]
+            turn = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+            out[:, t, :, 2 * i:2 * i + 2] = x[:, t, :, 2 * i:2 * i + 2] @ turn.T
+    return out

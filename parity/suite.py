@@ -16,7 +16,8 @@ from parity import weights as W
 from parity.config import ViTConfig, preset
 
 # The config matrix: patch 2, 4 and 7; cls and gap; all three position encodings; widths
-# that are not multiples of 64; square and non-square images, whole and cropped; LSA and SPT.
+# that are not multiples of 64; square and non-square images, whole and cropped; LSA and SPT;
+# rotary position embedding (with and without a class token).
 CONFIGS: dict[str, ViTConfig] = {
     "p4-cls-learned-28x28-w48": preset("tiny", patch_size=4, width=48, num_heads=3),
     "p2-gap-sincos2d-12x16-w36": preset("tiny", patch_size=2, width=36, num_heads=3,
@@ -37,6 +38,12 @@ CONFIGS: dict[str, ViTConfig] = {
     "p4-cls-lsa-spt-20x28c3-w48": preset("tiny", patch_size=4, width=48, num_heads=3,
                                          image_height=20, image_width=28, channels=3,
                                          lsa=True, spt=True),
+    # Heo et al. 2024's axial rotary embedding, on top of the additive table; a non-square grid
+    "p4-cls-rope-learned-20x28-w48": preset("tiny", patch_size=4, width=48, num_heads=3,
+                                            image_height=20, image_width=28, rope=True),
+    "p2-gap-rope-sincos2d-12x16-w32": preset("tiny", patch_size=2, width=32, num_heads=2,
+                                             image_height=12, image_width=16, pool="gap",
+                                             posemb="sincos2d", rope=True),
 }
 BATCHES = (1, 17)
 
@@ -125,6 +132,32 @@ def check_posemb(config: ViTConfig, name: str) -> list[Row]:
             TOL_POSEMB),
         Row(f"posemb {config.posemb} torch==numpy", name,
             _max_abs(tm.fixed_posemb(config).numpy(), ref), TOL_POSEMB),
+    ]
+
+
+def check_rope(config: ViTConfig, name: str) -> list[Row]:
+    """RoPE's angle tables and the turn of q and k (on random (B, T, H, hd) input) in both
+    frameworks against the NumPy reference."""
+    import jax.numpy as jnp
+    import torch
+
+    from jaxvit import model as jm
+    from torchvit import model as tm
+
+    if not config.rope:
+        return []
+    ref = reference.rope_angles(config)
+    shape = (3, config.num_tokens, config.num_heads, config.head_dim)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    turned = reference.rope(x, ref)
+    t_turned = tm.rope(torch.from_numpy(x).transpose(1, 2), tm.rope_angles(config)).transpose(1, 2)
+    return [
+        Row("rope angles jax==numpy", name, _max_abs(jm.rope_angles(config), ref), TOL_POSEMB),
+        Row("rope angles torch==numpy", name, _max_abs(tm.rope_angles(config).numpy(), ref),
+            TOL_POSEMB),
+        Row("rope turn jax==numpy", name, _max_abs(jm.rope(jnp.asarray(x), jm.rope_angles(config)),
+                                                   turned), TOL_FORWARD),
+        Row("rope turn torch==numpy", name, _max_abs(t_turned.numpy(), turned), TOL_FORWARD),
     ]
 
 
@@ -315,6 +348,7 @@ def all_rows(names: Iterable[str] | None = None) -> Iterator[Row]:
         config = CONFIGS[name]
         yield from check_round_trips(config, name)
         yield from check_posemb(config, name)
+        yield from check_rope(config, name)
         for batch in BATCHES:
             yield from check_patchify(config, name, batch)
             yield from check_model(config, name, batch)

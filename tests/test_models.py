@@ -20,6 +20,7 @@ CONFIGS = {
                                        drop_path=0.2),
     "p4-cls-lsa-spt-c3": preset("tiny", patch_size=4, image_height=12, image_width=16, channels=3,
                                 lsa=True, spt=True),
+    "p2-cls-rope-nonsquare": preset("tiny", patch_size=2, image_height=6, image_width=10, rope=True),
 }
 
 
@@ -225,3 +226,28 @@ def test_lsa_bars_each_token_from_itself_and_starts_at_the_usual_scale():
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
     with pytest.raises(ConfigError, match="spt"):
         preset("tiny", patch_size=1, spt=True)
+
+
+def test_rope_makes_patch_logits_depend_on_the_offset_only_and_leaves_the_class_token():
+    c = preset("tiny", patch_size=4, image_height=16, image_width=20, width=32, num_heads=2,
+               rope=True)  # a 4 x 5 grid, head_dim 16
+    rows, cols = c.grid
+    rng = np.random.default_rng(0)
+    q1, k1 = rng.standard_normal((2, c.head_dim)).astype(np.float32)  # one q and one k vector
+    x = np.ascontiguousarray(np.broadcast_to(np.stack([q1, k1]), (1, c.num_tokens, 2, c.head_dim)))
+    flax = np.asarray(jm.rope(jnp.asarray(x), jm.rope_angles(c)))  # (1, T, 2, hd): q and k as 2 heads
+    torch_ = tm.rope(torch.from_numpy(x).transpose(1, 2), tm.rope_angles(c)).transpose(1, 2).numpy()
+    for turned in (flax, torch_):
+        q, k = turned[0, :, 0], turned[0, :, 1]  # each (T, hd)
+        np.testing.assert_array_equal(q[0], q1)  # the class token is not turned
+        np.testing.assert_allclose(np.linalg.norm(q, axis=-1), np.linalg.norm(q1), rtol=1e-5)
+        logits = q[1:] @ k[1:].T  # (N, N), patches in row-major order
+        for dy, dx in ((0, 1), (1, 0), (1, -2), (2, 3)):  # every pair at this offset: one logit
+            pairs = [(r * cols + col, (r + dy) * cols + col + dx)
+                     for r in range(rows) for col in range(cols)
+                     if 0 <= r + dy < rows and 0 <= col + dx < cols]
+            values = [logits[s, t] for s, t in pairs]
+            np.testing.assert_allclose(values, values[0], atol=1e-5)
+        assert abs(logits[0, 1] - logits[0, cols]) > 1e-3  # a column step is not a row step
+    with pytest.raises(ConfigError, match="rope .* divisible by 4"):
+        preset("tiny", width=36, num_heads=2, rope=True)  # head_dim 18

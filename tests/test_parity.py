@@ -23,6 +23,13 @@ def test_fixed_position_tables_match_numpy_reference(name):
     _assert_rows(suite.check_posemb(suite.CONFIGS[name], name))
 
 
+@pytest.mark.parametrize("name", [n for n, c in suite.CONFIGS.items() if c.rope])
+def test_rope_angles_and_turn_match_numpy_reference(name):
+    rows = suite.check_rope(suite.CONFIGS[name], name)
+    assert len(rows) == 4
+    _assert_rows(rows)
+
+
 @pytest.mark.parametrize("name,batch", CASES)
 def test_blocks_logits_grads_and_adamw_step_agree(name, batch):
     rows = suite.check_model(suite.CONFIGS[name], name, batch)
@@ -36,9 +43,10 @@ def test_blocks_logits_grads_and_adamw_step_agree(name, batch):
 
 # the two configs where a bias gradient summed in bf16 (jaxvit's Dense before it added the
 # bias in float32) took the Flax twin past the tolerance: 3.2% and 1.5% against PyTorch; and
-# the LSA one, where a logit scale multiplied in bf16 did the same to its gradient (10.7%)
+# the LSA one, where a logit scale multiplied in bf16 did the same to its gradient (10.7%);
+# and RoPE's, whose turn runs in float32 and rounds to bf16 once, in both twins
 @pytest.mark.parametrize("name", ["p2-cls-sincos2d-14x14-w44", "p4-cls-learned-28x28-w48",
-                                  "p4-cls-lsa-spt-20x28c3-w48"])
+                                  "p4-cls-lsa-spt-20x28c3-w48", "p4-cls-rope-learned-20x28-w48"])
 def test_bf16_twins_agree_with_each_other_and_with_float32(name):
     rows = suite.check_bf16(suite.CONFIGS[name], name)
     assert len(rows) == 4 and all(r.config.endswith(f"b{suite.BF16_BATCH}") for r in rows)

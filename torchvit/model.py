@@ -100,6 +100,33 @@ def fixed_posemb(config: ViTConfig) -> Tensor:
     return table
 
 
+def rope_angles(config: ViTConfig) -> Tensor:
+    """Axial 2-D RoPE (Heo et al. 2024): the angle each pair of head dims turns by, (T, hd/2).
+    The first hd/4 pairs turn by x w_i, the last hd/4 by y w_i, w_i = 100^(-i/(hd/4)), (x, y)
+    the patch's column and row; the class token's row is zero: it is not turned."""
+    rows, cols = config.grid
+    quarter = config.head_dim // 4
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
+                          torch.arange(cols, dtype=torch.float32), indexing="ij")  # (rows, cols)
+    omega = 1.0 / 100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)  # (hd/4,)
+    x = x.reshape(-1)[:, None] * omega[None, :]  # (N, hd/4)
+    y = y.reshape(-1)[:, None] * omega[None, :]  # (N, hd/4)
+    angles = torch.cat([x, y], dim=1)  # (N, hd/2)
+    if config.pool == "cls":
+        angles = torch.cat([torch.zeros(1, 2 * quarter), angles], dim=0)  # (1+N, hd/2)
+    return angles
+
+
+def rope(x: Tensor, angles: Tensor) -> Tensor:
+    """Turn each pair (x_2i, x_2i+1) of the head dims by angles[t, i], in float32: (B, H, T, hd)
+    -> the same shape and dtype. Then q_s . k_t depends on the two patches' offset only."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, H, T, hd/2, 2)
+    cos, sin = angles.cos(), angles.sin()  # (T, hd/2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # each (B, H, T, hd/2)
+    turned = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return turned.reshape(x.shape).to(x.dtype)
+
+
 # ---- blocks ------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
@@ -110,6 +137,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(c.width, 3 * c.width, bias=c.qkv_bias)
         if c.lsa:  # learned per head, from the usual 1/sqrt(hd)
             self.logit_scale = nn.Parameter(torch.full((c.num_heads,), c.head_dim ** -0.5))
+        if c.rope:  # a buffer, so that it moves with the model; not in the state dict
+            self.register_buffer("rope_angles", rope_angles(c), persistent=False)  # (T, hd/2)
         self.proj = nn.Linear(c.width, c.width)
         self.attn_drop = nn.Dropout(c.attn_dropout)
         self.proj_drop = nn.Dropout(c.dropout)
@@ -119,6 +148,9 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, c.num_heads, c.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        if c.rope:  # relative position, in the attention logits
+            angles = self.rope_angles  # (T, hd/2)
+            q, k = rope(q, angles), rope(k, angles)
         scale, mask = c.head_dim ** -0.5, None
         if c.lsa:  # Locality Self-Attention: the scale goes into q; a token never sees itself
             # in float32, so that in bf16 the scale's gradient is a float32 sum

@@ -473,6 +473,12 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-06, docs/results/cpu-crop-s34.json, row 39): final 99.36%, 99.33%; with TTA
     # 99.52%, 99.45%. Over five seeds 99.35% +- 0.05 final, 99.50% +- 0.03 with TTA.
     "cpu-crop-s34": each_with_tta([G("e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s) for s in (3, 4)]),
+    # ... with rotary position embedding (--rope true: Heo et al. 2024's RoPE-Axial, on top of
+    # the learned table): each patch's q and k turned by its column and row, so that attention
+    # between patches sees their offset, the one position encoding kind not yet tried (sincos2d
+    # and learned: level on patch 7). Seeds 0-2, paired with cpu-crop's.
+    "cpu-crop-rope": each_with_tta([G("e44-elastic17-clean4-crop2-p6-rope",
+                                      [*CROP_RECIPE, "--rope", "true"], s) for s in (0, 1, 2)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
