@@ -407,6 +407,9 @@ PLANS: dict[str, dict] = {
     "cpu-default-crop": each_with_tta([G("cpu-crop2-p6", CROP2_P6, s) for s in (0, 1, 2)]),
     # The default with rotary position embedding (--rope true, plan cpu-crop-rope), 3 seeds,
     # paired as cpu-default-crop: does the main job gain too?
+    # Result (2026-12-06, docs/results/cpu-default-rope.json, row 41): final 99.10% +- 0.11
+    # (+9/-7/+3 images), with TTA 99.22% +- 0.10 (+3/-6/-1); ahead at epoch 2, level by epoch
+    # 10; 99.0% at epochs 11, 16, 12 against 14, 12, 11. Not adopted.
     "cpu-default-rope": each_with_tta([G("cpu-rope", ["--rope", "true"], s) for s in (0, 1, 2)]),
     # Fewer, coarser tokens over the digit: 9 patches of 8x8 over the central 24x24 (10 tokens
     # with the class token against 17), a cheaper step for the default, which is limited by its
@@ -491,6 +494,12 @@ PLANS: dict[str, dict] = {
     # 0.12 against 99.51% +- 0.01. Level on average; not adopted into the recipe.
     "cpu-crop-rope": each_with_tta([G("e44-elastic17-clean4-crop2-p6-rope",
                                       [*CROP_RECIPE, "--rope", "true"], s) for s in (0, 1, 2, 3)]),
+    # ... RoPE's faster start spent on a shorter schedule: 33 epochs (the last 4 clean), which
+    # without it reached 99.5% with TTA on no seed (plan cpu-crop-e33). Seeds 0-2, paired with
+    # cpu-crop-e33's: does 99.5% come within 9 minutes alone on the CPU?
+    "cpu-crop-rope-e33": each_with_tta([G("e33-elastic17-clean4-crop2-p6-rope",
+                                          [*e_clean4(33), *CROP2_P6, "--rope", "true"], s)
+                                        for s in (0, 1, 2)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
