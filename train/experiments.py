@@ -497,6 +497,10 @@ PLANS: dict[str, dict] = {
     # ... RoPE's faster start spent on a shorter schedule: 33 epochs (the last 4 clean), which
     # without it reached 99.5% with TTA on no seed (plan cpu-crop-e33). Seeds 0-2, paired with
     # cpu-crop-e33's: does 99.5% come within 9 minutes alone on the CPU?
+    # Result (2026-12-06, docs/results/cpu-crop-rope-e33.json, row 42): final 99.44% +- 0.12
+    # (+5/+5/-3 images), with TTA 99.50% +- 0.10 (+7/+5/-3), two seeds of three at 99.5%; but
+    # the turn slows the step 18% alone (2,199 img/s), so seed 2 alone took 11 min 2 s: the
+    # 44-epoch recipe's time, no saving on this CPU.
     "cpu-crop-rope-e33": each_with_tta([G("e33-elastic17-clean4-crop2-p6-rope",
                                           [*e_clean4(33), *CROP2_P6, "--rope", "true"], s)
                                         for s in (0, 1, 2)]),
