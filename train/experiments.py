@@ -555,7 +555,8 @@ PLANS: dict[str, dict] = {
     # GPU that 128-image steps of this model leave idle; on the CPU 512 cost 2-3 images with
     # TTA, plan cpu-crop-b512); then batch 128 in float32 (the CPU's numbers are float32, a GPU
     # run's bfloat16). Second, before the batch sizes: the same recipe with --rope, seeds 0 and 1
-    # (on the CPU ahead from epoch 3 on and 99.57%/99.62% at the end, plan cpu-crop-rope).
+    # (on the CPU 0.9-1.3% ahead at epoch 3 and level at the end over four seeds, plan
+    # cpu-crop-rope; its turn slows the CPU step, so on the CPU it saves no time: on a GPU?).
     "gpu-m": {"runs": [
         *[R(f"crop-b128-s{s}", [*CROP_RECIPE, *CROP_LAUNCH, "--seed", str(s)], "crop-b128") for s in (0, 1, 2)],
         *[R(f"crop-rope-b128-s{s}", [*CROP_RECIPE, "--rope", "true", *CROP_LAUNCH, "--seed", str(s)],
