@@ -12,7 +12,7 @@ import pytest
 from parity.config import preset
 from tests.helpers import ROOT, env, trainer, write_competition
 from train import data
-from train.bench import flops_per_image
+from train.bench import flops_per_image, markdown, pool_rounds
 from train.ensemble import combine
 from train.tta_study import SETS, VIEWS
 
@@ -54,9 +54,39 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_rounds_pool_the_steps_and_pair_each_round(tmp_path):
+    # --rounds: the same modes timed in turn; two rounds of made-up step times, the machine
+    # twice as slow in the second round, where the ratio between modes stays 2
+    def row(mode, kind, times, first):
+        return {"mode": mode, "kind": kind, "framework": mode.split("-")[0], "devices": 1,
+                "batch": 10, "flops_per_image": 1e6, "device": "CPU", "first_call_s": first,
+                "times_s": times, "attention": "sdpa"}
+    rounds = [[row("flax-fp32", k, [0.1, 0.1, 0.12], 5.0), row("torch-eager-fp32", k, [0.05] * 3, 1.0)]
+              for k in ("train", "inference")]
+    rounds = [rounds[0] + rounds[1],
+              [row("flax-fp32", k, [0.2] * 3, 2.0) for k in ("train", "inference")]
+              + [row("torch-eager-fp32", k, [0.1] * 3, 0.5) for k in ("train", "inference")]]
+    rows = pool_rounds(rounds)
+    assert [(r["mode"], r["kind"]) for r in rows] == [
+        ("flax-fp32", "train"), ("torch-eager-fp32", "train"), ("flax-fp32", "inference"),
+        ("torch-eager-fp32", "inference")]
+    flax, torch_ = rows[0], rows[1]
+    assert flax["n"] == 6 and flax["median_s"] == pytest.approx(0.16)  # the six steps pooled
+    assert flax["img_per_s"] == pytest.approx(10 / 0.16)
+    assert [r["img_per_s"] for r in flax["rounds"]] == pytest.approx([100.0, 50.0])
+    assert [r["first_call_s"] for r in torch_["rounds"]] == [1.0, 0.5]
+    assert flax["round_ratio"] == 1.0 and torch_["round_ratio"] == pytest.approx(2.0)
+    args = type("Args", (), {"rounds": 2, "steps": 3, "batch_size": 10, "preset": "tiny"})()
+    env = {"device": "CPU", "jax": "x", "flax": "x", "torch": "x"}
+    text = markdown(rows, env, args)
+    assert "median of 2 rounds x 3 timed steps" in text
+    assert "| torch-eager-fp32 | 200, 100 | 2.00 | 200, 100 | 2.00 |" in text
+
+
 @pytest.mark.parametrize("args,words", [
     (["--patchify-batches", "64,x"], "expected comma-separated whole numbers >= 1, got '64,x'"),
     (["--warmup", "-1"], "--warmup >= 0"),
+    (["--rounds", "0"], "--rounds and --cpu-devices must be >= 1"),
     (["--modes", "flax-fp64"], "unknown mode(s) ['flax-fp64']"),
     (["--spt", "maybe"], "argument --spt: expected true or false, got 'maybe'"),
     (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),

@@ -2,12 +2,15 @@
 
     python train/bench.py --preset base --batch-size 1024 --steps 50 --out bench_out
     python train/bench.py --preset small --spt true --lsa true   # any ViTConfig field, as the trainers take
+    python train/bench.py --preset small --modes flax-fp32,torch-eager-fp32 --rounds 5  # in turn, 5 times
 
 For each mode (Flax jitted fp32/bf16, PyTorch eager fp32/bf16, torch.compile fp32/bf16) it
 times the train step (forward + backward + AdamW update) and inference, after warm-up,
 synchronizing the device before every clock read; the first (compiling) call is reported
 apart. It also times patchify, the naive loop against the vectorized reshape, after checking
 that they agree. Writes bench.json (one row per measurement), bench.md and bench.png.
+On a machine whose speed drifts from minute to minute (a shared CPU), --rounds N times the
+modes in turn N times and compares each mode with the first one round by round.
 With timm installed, the modes timm-eager-fp32, timm-eager-bf16, timm-compile-fp32 and
 timm-compile-bf16 time timm's VisionTransformer at the same config the same way: the speed
 issue's reference, measured beside the twins.
@@ -340,19 +343,47 @@ def worker(args) -> list[dict]:
     fpi = flops_per_image(config)
     rows = []
     for kind, (first, times), flops in (("train", train, 3 * fpi), ("inference", infer, fpi)):
-        s = summarize(times)
-        ips = args.batch_size / s["median_s"]
-        tflops = ips * flops / 1e12
-        peak = peak_for(env["device"], bf16)
-        rows.append({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
-                     "devices": devices, "preset": args.preset, "config": config.to_dict(),
-                     "attention": args.flax_attention if mode.startswith("flax") else "sdpa",
-                     "batch": args.batch_size,
-                     "flops_per_image": flops, "img_per_s": ips,
-                     "img_per_s_p10_p90": [args.batch_size / s["p90_s"], args.batch_size / s["p10_s"]],
-                     "first_call_s": first, "tflops": tflops,
-                     "mfu": tflops / peak if peak else None, **s, **env})
+        rows.append(with_rates({"kind": kind, "framework": mode.split("-")[0], "mode": mode,
+                                "devices": devices, "preset": args.preset,
+                                "config": config.to_dict(),
+                                "attention": args.flax_attention if mode.startswith("flax") else "sdpa",
+                                "batch": args.batch_size, "flops_per_image": flops,
+                                "first_call_s": first, "times_s": times, **env}))
     return rows
+
+
+def with_rates(row: dict) -> dict:
+    """The row with its statistics from row["times_s"] (one entry per timed step): the median
+    and p10/p90 step time, img/s, achieved TFLOP/s and MFU where the device's peak is known."""
+    s = summarize(row["times_s"])
+    ips = row["batch"] / s["median_s"]
+    tflops = ips * row["flops_per_image"] / 1e12
+    peak = peak_for(row["device"], row["mode"].endswith("bf16"))
+    return {**row, **s, "img_per_s": ips,
+            "img_per_s_p10_p90": [row["batch"] / s["p90_s"], row["batch"] / s["p10_s"]],
+            "tflops": tflops, "mfu": tflops / peak if peak else None}
+
+
+def pool_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per (mode, kind) from several rounds of the same measurements: the statistics
+    over every round's timed steps together; "rounds" keeps each round's median img/s and first
+    call, and "round_ratio" the median over rounds of this mode's img/s over the first mode's
+    in the same round (a ratio of neighbours in time, which the machine's drift between rounds
+    does not move)."""
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for rows in rounds:
+        for r in rows:
+            by_key.setdefault((r["mode"], r["kind"]), []).append(with_rates(r))
+    first_mode = rounds[0][0]["mode"]
+    pooled = []
+    for (_, kind), rs in by_key.items():
+        row = with_rates({**rs[0], "times_s": [t for r in rs for t in r["times_s"]]})
+        row["rounds"] = [{"img_per_s": r["img_per_s"], "first_call_s": r["first_call_s"]} for r in rs]
+        ref = by_key[(first_mode, kind)]
+        row["round_ratio"] = float(np.median([r["img_per_s"] / f["img_per_s"]
+                                              for r, f in zip(rs, ref, strict=True)]))
+        pooled.append(row)
+    return pooled
 
 
 def batch_list(text: str) -> list[int]:
@@ -373,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first call")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time the modes in turn this many times, each time in fresh processes, "
+                        "and pool the rounds (a machine whose speed drifts between runs: each "
+                        "mode's img/s per round, and its median ratio to the first mode's)")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of " + ",".join(MODES + REFERENCE_MODES))
     p.add_argument("--patchify-batches", type=batch_list, default="64,1024,8192",
@@ -404,10 +439,11 @@ def main(argv: list[str] | None = None) -> int:
               "(pip install timm)", file=sys.stderr)
         return 2
     if unknown or args.batch_size < 1 or args.steps < 1 or args.cpu_devices < 1 or \
-            args.warmup < 0 or args.batch_size % args.cpu_devices:
+            args.rounds < 1 or args.warmup < 0 or args.batch_size % args.cpu_devices:
         print(f"error: unknown mode(s) {unknown}; choose from {MODES + REFERENCE_MODES}" if unknown
-              else "error: --batch-size, --steps and --cpu-devices must be >= 1, --warmup >= 0, "
-                   "and the batch must split evenly over the CPU devices", file=sys.stderr)
+              else "error: --batch-size, --steps, --rounds and --cpu-devices must be >= 1, "
+                   "--warmup >= 0, and the batch must split evenly over the CPU devices",
+              file=sys.stderr)
         return 2
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -417,18 +453,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    jobs = modes + ([f"patchify-{fw}" for fw in ("flax", "torch")] if args.patchify_batches else [])
-    for job in jobs:
-        # One process per measurement: JAX's and PyTorch's CPU thread pools in one process
-        # slow each other down (seen here: PyTorch 50x slower after JAX had run).
+    rounds: list[list[dict]] = []
+    for n in range(args.rounds):  # the modes in turn, again and again: each sees the same drift
+        rounds.append([])
+        for job in modes:
+            print(f"timing {job}" + (f", round {n + 1} of {args.rounds}" if args.rounds > 1 else "")
+                  + " ...", file=sys.stderr, flush=True)
+            got = run_worker(job, argv)
+            if got is None:
+                return 1
+            rounds[-1] += got
+    rows = pool_rounds(rounds) if args.rounds > 1 and modes else rounds[0]
+    for job in [f"patchify-{fw}" for fw in ("flax", "torch")] if args.patchify_batches else []:
         print(f"timing {job} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", job]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            print(f"error: {job} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        got = run_worker(job, argv)
+        if got is None:
             return 1
-        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+        rows += got
     env = {k: rows[0][k] for k in ENV_KEYS} if rows else {}
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
     table = markdown(rows, env, args)
@@ -436,6 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     plot(rows, out / "bench.png", env["device"], args)
     return 0
+
+
+def run_worker(job: str, argv: list[str] | None) -> list[dict] | None:
+    """One measurement in its own process: JAX's and PyTorch's CPU thread pools in one process
+    slow each other down (seen here: PyTorch 50x slower after JAX had run). None if it failed."""
+    cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", job]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        print(f"error: {job} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def model_name(args) -> str:
@@ -448,7 +500,8 @@ def model_name(args) -> str:
 def markdown(rows: list[dict], env: dict, args) -> str:
     lines = [f"Device: {env['device']}; jax {env['jax']}, flax {env['flax']}, "
              f"torch {env['torch']}; preset `{model_name(args)}`, batch {args.batch_size}, "
-             f"median of {args.steps} timed steps", "",
+             f"median of " + (f"{args.rounds} rounds x " if args.rounds > 1 else "")
+             + f"{args.steps} timed steps", "",
              "| mode | train img/s | train p10-p90 | train TFLOP/s | train MFU | first train call (s) "
              "| inference img/s | first inference call (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -462,6 +515,14 @@ def markdown(rows: list[dict], env: dict, args) -> str:
         lines.append(f"| {_label(t)} | {t['img_per_s']:,.0f} | {t['img_per_s_p10_p90'][0]:,.0f}-"
                      f"{t['img_per_s_p10_p90'][1]:,.0f} | {t['tflops']:.2f} | {mfu} | "
                      f"{t['first_call_s']:.2f} | {i['img_per_s']:,.0f} | {i['first_call_s']:.2f} |")
+    if args.rounds > 1:  # each round's medians, and the ratio to the first mode in each round
+        first = next(iter(by_mode.values()))["train"]["mode"]
+        lines += ["", f"| mode | train img/s by round | train / {first} | inference img/s by round "
+                      f"| inference / {first} |", "|---|---|---|---|---|"]
+        for d in by_mode.values():
+            t, i = d["train"], d["inference"]
+            lines.append(f"| {_label(t)} | {_by_round(t)} | {t['round_ratio']:.2f} | {_by_round(i)} "
+                         f"| {i['round_ratio']:.2f} |")
     patch = [r for r in rows if r["kind"] == "patchify"]
     if patch:
         lines += ["", f"| patchify (28x28x1, patch {patch[0]['patch']}) | batch | median | p10-p90 |",
@@ -470,6 +531,10 @@ def markdown(rows: list[dict], env: dict, args) -> str:
             lines.append(f"| {r['framework']} {r['mode']} | {r['batch']} | {_t(r['median_s'])} | "
                          f"{_t(r['p10_s'])}-{_t(r['p90_s'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _by_round(row: dict) -> str:
+    return ", ".join(f"{r['img_per_s']:,.0f}" for r in row["rounds"])
 
 
 def _label(row: dict) -> str:
