@@ -95,7 +95,10 @@ def sincos2d(grid: tuple[int, int], width: int) -> Array:
 
 
 def fixed_posemb(config: ViTConfig) -> Array:
-    """The fixed table added to the tokens, (T, D); the class token's row is zero for sincos2d."""
+    """The fixed table added to the tokens, (T, D); the class token's row is zero for sincos2d;
+    all zeros for none (no position information, unless rope adds it in the attention)."""
+    if config.posemb == "none":
+        return jnp.zeros((config.num_tokens, config.width))
     if config.posemb == "sincos1d":
         return sincos1d(config.num_tokens, config.width)
     table = sincos2d(config.grid, config.width)  # (N, D)

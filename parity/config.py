@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-PosEmb = Literal["sincos1d", "sincos2d", "learned"]
+PosEmb = Literal["sincos1d", "sincos2d", "learned", "none"]
 Pool = Literal["cls", "gap"]
 
 
@@ -39,7 +39,7 @@ class ViTConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0  # MLP hidden = round(width * mlp_ratio)
     num_classes: int = 10
-    posemb: PosEmb = "learned"
+    posemb: PosEmb = "learned"  # none: E_pos = 0, the paper's "no positional embedding" (App. D.4)
     pool: Pool = "cls"
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -120,8 +120,8 @@ class ViTConfig:
         need(self.width % self.num_heads == 0,
              f"width {self.width} is not divisible by num_heads {self.num_heads}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        need(self.posemb in ("sincos1d", "sincos2d", "learned"),
-             f"posemb must be one of sincos1d, sincos2d, learned; got {self.posemb!r}")
+        need(self.posemb in ("sincos1d", "sincos2d", "learned", "none"),
+             f"posemb must be one of sincos1d, sincos2d, learned, none; got {self.posemb!r}")
         need(self.pool in ("cls", "gap"), f"pool must be 'cls' or 'gap', got {self.pool!r}")
         if self.posemb == "sincos1d":
             need(self.width % 2 == 0, f"posemb sincos1d needs an even width, got {self.width}")

@@ -55,7 +55,10 @@ def sincos2d(rows: int, cols: int, width: int) -> np.ndarray:
 
 
 def posemb(config) -> np.ndarray:
-    """The fixed table in use, (T, D), with a zero row for the class token under sincos2d."""
+    """The fixed table in use, (T, D), with a zero row for the class token under sincos2d; all
+    zeros under none."""
+    if config.posemb == "none":
+        return np.zeros((config.num_tokens, config.width), np.float32)
     if config.posemb == "sincos1d":
         return sincos1d(config.num_tokens, config.width)
     table = sincos2d(*config.grid, config.width)

@@ -15,9 +15,9 @@ from parity import reference
 from parity import weights as W
 from parity.config import ViTConfig, preset
 
-# The config matrix: patch 2, 4 and 7; cls and gap; all three position encodings; widths
-# that are not multiples of 64; square and non-square images, whole and cropped; LSA and SPT;
-# rotary position embedding (with and without a class token).
+# The config matrix: patch 2, 4 and 7; cls and gap; all four position tables (none included);
+# widths that are not multiples of 64; square and non-square images, whole and cropped; LSA and
+# SPT; rotary position embedding (with and without a class token, with and without a table).
 CONFIGS: dict[str, ViTConfig] = {
     "p4-cls-learned-28x28-w48": preset("tiny", patch_size=4, width=48, num_heads=3),
     "p2-gap-sincos2d-12x16-w36": preset("tiny", patch_size=2, width=36, num_heads=3,
@@ -44,6 +44,9 @@ CONFIGS: dict[str, ViTConfig] = {
     "p2-gap-rope-sincos2d-12x16-w32": preset("tiny", patch_size=2, width=32, num_heads=2,
                                              image_height=12, image_width=16, pool="gap",
                                              posemb="sincos2d", rope=True),
+    # ... as the only position information (no table)
+    "p7-cls-rope-none-21x28-w40": preset("tiny", patch_size=7, width=40, num_heads=2,
+                                         image_height=21, image_width=28, posemb="none", rope=True),
 }
 BATCHES = (1, 17)
 

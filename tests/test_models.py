@@ -21,6 +21,8 @@ CONFIGS = {
     "p4-cls-lsa-spt-c3": preset("tiny", patch_size=4, image_height=12, image_width=16, channels=3,
                                 lsa=True, spt=True),
     "p2-cls-rope-nonsquare": preset("tiny", patch_size=2, image_height=6, image_width=10, rope=True),
+    "p4-gap-none-rope": preset("tiny", patch_size=4, image_height=12, image_width=12, pool="gap",
+                               posemb="none", rope=True),
 }
 
 
@@ -251,3 +253,32 @@ def test_rope_makes_patch_logits_depend_on_the_offset_only_and_leaves_the_class_
         assert abs(logits[0, 1] - logits[0, cols]) > 1e-3  # a column step is not a row step
     with pytest.raises(ConfigError, match="rope .* divisible by 4"):
         preset("tiny", width=36, num_heads=2, rope=True)  # head_dim 18
+
+
+def test_without_a_position_table_the_twins_see_a_bag_of_patches_until_rope_tells_them_where():
+    # posemb none (the paper's "no positional embedding", App. D.4): shuffling the patches of an
+    # image leaves both twins' logits where they were; rope, or a table, moves them
+    shuffled = np.random.default_rng(1).permutation(12)  # a 3 x 4 grid of 4x4 patches
+
+    def logits_pair(c):  # (original, shuffled) logits of each twin, the same random weights
+        canonical = W.random_canonical(c, 0)
+        params = W.canonical_to_flax(canonical, c)
+        torch_model = tm.ViT(c).eval()
+        torch_model.load_state_dict(W.canonical_to_torch(canonical, c))
+        x = _x(c)
+        moved = np.asarray(jm.unpatchify(jm.patchify(jnp.asarray(x), 4)[:, shuffled], 4, 12, 16))
+        for images in (x, moved):
+            with torch.no_grad():
+                t = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+            yield np.asarray(jm.ViT(c).apply({"params": params}, jnp.asarray(images))), t
+
+    bag = preset("tiny", patch_size=4, image_height=12, image_width=16, posemb="none")
+    assert "pos_embed" not in W.canonical_shapes(bag)
+    (flax, torch_), (flax_moved, torch_moved) = logits_pair(bag)
+    assert np.abs(flax).max() > 1e-3  # the logits are not trivially equal
+    np.testing.assert_allclose(flax_moved, flax, atol=1e-5)
+    np.testing.assert_allclose(torch_moved, torch_, atol=1e-5)
+    for changes in (dict(rope=True), dict(posemb="learned"), dict(posemb="sincos2d")):
+        (flax, torch_), (flax_moved, torch_moved) = logits_pair(bag.replace(**changes))
+        assert np.abs(flax_moved - flax).max() > 1e-4, changes
+        assert np.abs(torch_moved - torch_).max() > 1e-4, changes

@@ -225,3 +225,15 @@ def test_no_plots_skips_the_pictures(comp, tmp_path):
                    "--no-plots")
     assert (tmp_path / "run" / "submission.csv").is_file()
     assert not (tmp_path / "run" / "plots").exists() and "plots:" not in proc.stderr
+
+
+def test_posemb_picture_without_a_table_says_so_instead_of_a_similarity(tmp_path):
+    from parity.config import preset
+
+    c = preset("tiny", posemb="none", rope=True)
+    table = plots.posemb_table(c, {})
+    assert table.shape == (c.num_tokens, c.width) and not table.any()
+    path = plots.draw_posemb(tmp_path / "posemb.png", c, table)
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with_table = preset("tiny", posemb="sincos2d")
+    assert not np.isnan(plots.patch_similarity(plots.posemb_table(with_table, {}), with_table)).any()

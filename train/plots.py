@@ -305,6 +305,14 @@ def draw_posemb(path: Path, config: ViTConfig, table: np.ndarray) -> Path:
     left.set_ylabel("token (0: class token)" if config.pool == "cls" else "token (patch index)")
     fig.colorbar(im, ax=left, label="value")
     rows, cols = config.grid
+    fig.suptitle(f"position embeddings ({config.posemb}, {config.pool} pooling, "
+                 f"{rows}x{cols} patches of {config.patch_size}x{config.patch_size})")
+    if not table.any():  # posemb none: no similarity to draw
+        right.axis("off")
+        right.text(0.5, 0.5, "no position table: the patches are a bag to the model"
+                   + ("\nuntil rope turns q and k by position" if config.rope else ""),
+                   ha="center", va="center", transform=right.transAxes)
+        return _save(fig, path)
     sim = patch_similarity(table, config)  # (rows, cols, rows, cols)
     im = right.imshow(mosaic(sim.reshape(rows * cols, rows, cols), config.grid), cmap=_cmap("viridis"),
                       vmin=-1, vmax=1, interpolation="nearest")
@@ -313,8 +321,6 @@ def draw_posemb(path: Path, config: ViTConfig, table: np.ndarray) -> Path:
     right.set_xlabel("input patch column")
     right.set_ylabel("input patch row")
     fig.colorbar(im, ax=right, label="cosine similarity")
-    fig.suptitle(f"position embeddings ({config.posemb}, {config.pool} pooling, "
-                 f"{rows}x{cols} patches of {config.patch_size}x{config.patch_size})")
     return _save(fig, path)
 
 
