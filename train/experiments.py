@@ -504,6 +504,16 @@ PLANS: dict[str, dict] = {
     "cpu-crop-rope-e33": each_with_tta([G("e33-elastic17-clean4-crop2-p6-rope",
                                           [*e_clean4(33), *CROP2_P6, "--rope", "true"], s)
                                         for s in (0, 1, 2)]),
+    # ... with no position table (--posemb none): the ViT paper's "no positional embedding"
+    # ablation (App. D.4; on ImageNet it cost ~3% of linear 5-shot accuracy), alone (a bag of 16
+    # patches: only each patch's pixels tell where it is, and MNIST's digits are centred) and with
+    # RoPE as the only position information. Seed 0 of each, side by side, paired with cpu-crop's
+    # seed 0 (99.43%, with TTA 99.52%) and cpu-crop-rope's (99.57%, 99.60%).
+    "cpu-crop-noposemb": each_with_tta([G(name, [*CROP_RECIPE, "--posemb", "none", *extra], 0)
+                                        for name, extra in (
+                                            ("e44-elastic17-clean4-crop2-p6-noposemb", []),
+                                            ("e44-elastic17-clean4-crop2-p6-noposemb-rope",
+                                             ["--rope", "true"]))]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
