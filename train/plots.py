@@ -307,7 +307,7 @@ def draw_posemb(path: Path, config: ViTConfig, table: np.ndarray) -> Path:
     rows, cols = config.grid
     fig.suptitle(f"position embeddings ({config.posemb}, {config.pool} pooling, "
                  f"{rows}x{cols} patches of {config.patch_size}x{config.patch_size})")
-    if not table.any():  # posemb none: no similarity to draw
+    if config.posemb == "none":  # an all-zero table: no similarity to draw
         right.axis("off")
         right.text(0.5, 0.5, "no position table: the patches are a bag to the model"
                    + ("\nuntil rope turns q and k by position" if config.rope else ""),
