@@ -314,7 +314,7 @@ def test_xla_flags_are_appended_once_and_never_override_the_user():
 def test_profile_step_names_where_each_frameworks_time_goes(tmp_path):
     out = tmp_path / "profile"
     proc = _run(str(ROOT / "train" / "profile_step.py"), "--preset", "tiny", "--batch-size", "8",
-                "--steps", "2", "--out", str(out))
+                "--steps", "2", "--depth", "1", "--rope", "true", "--out", str(out))
     results = json.loads((out / "profile.json").read_text())
     assert [r["framework"] for r in results] == ["flax", "torch"]
     for r in results:
@@ -325,6 +325,7 @@ def test_profile_step_names_where_each_frameworks_time_goes(tmp_path):
     # the traced XLA kernels were matched to the compiled module, not all left as "other"
     assert {"matmul (dense layers)", "matmul, batched (attention)"} <= flax_classes
     assert "| class | flax | torch |" in proc.stdout and (out / "profile.md").is_file()
+    assert "preset `tiny (depth=1, rope=True)`" in proc.stdout  # config overrides, as bench takes them
 
 
 def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
@@ -405,6 +406,15 @@ def test_profile_refuses_unknown_frameworks_before_any_work(frameworks, words, t
                           env=env(), timeout=120)
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_profile_refuses_a_bad_config_override_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "profile_step.py"), "--preset", "tiny",
+                           "--rope", "true", "--width", "36", "--num-heads", "2",
+                           "--out", str(tmp_path / "p")], capture_output=True, text=True,
+                          env=env(), timeout=120)
+    assert proc.returncode == 2 and "rope" in proc.stderr and "divisible by 4" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
 def test_startup_measures_launches_with_the_caches_off_cold_and_warm(tmp_path):

@@ -1,6 +1,7 @@
 """Where a train step's time goes: the same step as train/bench.py, under each framework's profiler.
 
     python train/profile_step.py --preset small --batch-size 128 --out runs/profile
+    python train/profile_step.py --preset cpu --rope true   # any ViTConfig field, as train/bench.py takes
     python train/profile_step.py --preset base --batch-size 1024 --bf16 \
         --frameworks torch-compile,timm-compile      # our PyTorch twin against timm's ViT
 
@@ -38,7 +39,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxvit import xla_flags
-from parity.config import PRESETS, preset
+from parity.config import PRESETS
+from train.common import UsageError, add_config_options, config_from_options
 
 # ---- Flax ----------------------------------------------------------------------------------
 TYPE = r"(?:\([^=]*?\)|\S+)"  # an HLO result type: a shape, or a tuple of shapes
@@ -284,7 +286,9 @@ def shown(name: str, width: int = 60) -> str:
 
 
 def markdown(results: list[dict], args) -> str:
-    lines = [f"Train step (forward, backward, AdamW), preset `{args.preset}`, batch {args.batch_size}, "
+    from train.bench import model_name
+
+    lines = [f"Train step (forward, backward, AdamW), preset `{model_name(args)}`, batch {args.batch_size}, "
              f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} profiled steps; ms per step.", ""]
     names = [r["framework"] for r in results]
     lines += ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -328,11 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-trace", action="store_true",
                    help="also keep the raw traces (and Flax's compiled HLO) under --out, gzipped")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_config_options(p)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
         print("error: --batch-size and --steps must be >= 1", file=sys.stderr)
         return 2
-    config = preset(args.preset)
+    try:
+        config = config_from_options(args.preset, args)  # refuses a bad config before any work
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.worker == "flax":
         xla_flags.apply()  # as the trainer does, before JAX creates its backend
         keep = Path(args.out) if args.keep_trace else None
