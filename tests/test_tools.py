@@ -110,6 +110,26 @@ def test_bench_timm_modes_need_timm_and_say_so(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "bench").exists()
 
 
+def test_every_run_of_every_plan_is_one_its_trainer_accepts():
+    # a plan's typo would otherwise surface only when it runs, on a GPU lent for minutes
+    from train.common import build_parser, resolve_run
+    from train.experiments import PLANS
+
+    runs = 0
+    for name, plan in PLANS.items():
+        done: set[str] = set()
+        for stage in plan.get("stages", [plan]):
+            for r in stage["runs"]:
+                args = build_parser("trainer", r["trainer"]).parse_args(
+                    [*r["args"], "--data", "digit-recognizer.zip", "--out", "run"])
+                resolve_run(args)  # the config and the recipe it describes are valid
+                runs += 1
+            done |= {r["name"] for r in stage["runs"]}
+            for ensemble, members, *_ in stage.get("ensembles", []):
+                assert set(members) <= done, (name, ensemble, set(members) - done)
+    assert runs > 100
+
+
 def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     comp = write_competition(tmp_path / "comp", 700, 30, as_zip=True)
     common = ["--data", str(comp), "--epochs", "1", "--limit-train", "600", "--batch-size", "64",
