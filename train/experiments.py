@@ -436,6 +436,10 @@ PLANS: dict[str, dict] = {
     # The patch-4 recipe with rotary position embedding (--rope true, plan cpu-crop-rope): 49
     # tokens, so 6 column and 6 row offsets for it to tell apart. Seeds 0 and 1, paired with
     # cpu-p4-crop's recipe runs (cpu-n's, repeated to the bit on this machine).
+    # Result (2026-12-06, docs/results/cpu-p4-rope.json, row 43): far ahead early (epoch 1: 90.0%
+    # and 91.4% against 66.4%; epoch 19: 99.24% against 99.00%), but final 99.45%, 99.36%
+    # (-4/+3 images against 99.55%, 99.29%), with TTA 99.43%, 99.45% (-6/-3 against 99.57%,
+    # 99.52%); 115 min side by side (about 240-295 img/s against 335). Not adopted.
     "cpu-p4-rope": each_with_tta([G("p4-e40-elastic17-rope", [*P4_ELASTIC17, "--rope", "true"], s)
                                   for s in (0, 1)]),
     # Issue 5 asks what 99.5% takes on the 2-core CPU from launch (the H100 goal: 20 s). The
