@@ -513,6 +513,9 @@ PLANS: dict[str, dict] = {
     # patches: only each patch's pixels tell where it is, and MNIST's digits are centred) and with
     # RoPE as the only position information. Seed 0 of each, side by side, paired with cpu-crop's
     # seed 0 (99.43%, with TTA 99.52%) and cpu-crop-rope's (99.57%, 99.60%).
+    # Result (2026-12-06, docs/results/cpu-crop-noposemb.json, row 44): no table, 98.24% final
+    # (-50 images), 99.07% with TTA (-19), behind at every epoch; RoPE alone 99.43% and 99.52%,
+    # the recipe's score to the image (-6/-3 against RoPE on the table). One seed each.
     "cpu-crop-noposemb": each_with_tta([G(name, [*CROP_RECIPE, "--posemb", "none", *extra], 0)
                                         for name, extra in (
                                             ("e44-elastic17-clean4-crop2-p6-noposemb", []),
