@@ -528,6 +528,11 @@ PLANS: dict[str, dict] = {
     "cpu-crop-rope-more": each_with_tta([
         G("e44-elastic17-clean4-crop2-p6-rope", [*CROP_RECIPE, "--rope", "true"], 4),
         G("e44-elastic17-clean4-crop2-p6-noposemb-rope", [*CROP_RECIPE, "--posemb", "none", "--rope", "true"], 1)]),
+    # A sixth paired seed for RoPE on the cropped recipe (after cpu-crop-rope-more, RoPE's five:
+    # final +6/+11/+3/-6/+4 images against the recipe's, with TTA +3/+5/-6/-2/+7): seed 5 of
+    # each, side by side.
+    "cpu-crop-rope-s5": each_with_tta([G(name, [*CROP_RECIPE, *extra], 5) for name, extra in (
+        ("e44-elastic17-clean4-crop2-p6", []), ("e44-elastic17-clean4-crop2-p6-rope", ["--rope", "true"]))]),
     # The ViT paper's other regularizer, never tried here: dropout 0.1 (after the embedding, each
     # attention projection and each MLP layer; the paper's setting for training from scratch on
     # ImageNet, Table 3), on the cropped recipe, seeds 0 and 1, paired with cpu-crop's (99.43%,
