@@ -525,6 +525,9 @@ PLANS: dict[str, dict] = {
     # seed 4: 99.33%, with TTA 99.45%), since cpu-crop-rope's four seeds scattered ten times wider
     # than the recipe's; and RoPE as the only position information, seed 1 (paired with cpu-crop's
     # seed 1, 99.36% and 99.50%, and cpu-crop-rope's, 99.62% and 99.62%). Side by side.
+    # Result (2026-12-06, docs/results/cpu-crop-rope-more.json, rows 40 and 44): RoPE seed 4 99.43%
+    # final (+4 images), 99.62% with TTA (+7); RoPE alone seed 1 99.48% (+5; -6 against RoPE on
+    # the table), 99.55% with TTA (+2; -3), as on seed 0: between the recipe and RoPE on the table.
     "cpu-crop-rope-more": each_with_tta([
         G("e44-elastic17-clean4-crop2-p6-rope", [*CROP_RECIPE, "--rope", "true"], 4),
         G("e44-elastic17-clean4-crop2-p6-noposemb-rope", [*CROP_RECIPE, "--posemb", "none", "--rope", "true"], 1)]),
