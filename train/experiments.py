@@ -540,6 +540,9 @@ PLANS: dict[str, dict] = {
     # attention projection and each MLP layer; the paper's setting for training from scratch on
     # ImageNet, Table 3), on the cropped recipe, seeds 0 and 1, paired with cpu-crop's (99.43%,
     # 99.36%; with TTA 99.52%, 99.50%). Stochastic depth 0.1 cost 9 images on patch 7 (row 8).
+    # Result (2026-12-06, docs/results/cpu-crop-dropout.json, row 46): final 99.36%, 99.24% (-3/-5
+    # images), with TTA 99.31%, 99.36% (-9/-6), behind at almost every epoch; the step 1.6x slower
+    # on this CPU (854 img/s side by side against 1,384-1,410). Not adopted.
     "cpu-crop-dropout": each_with_tta([G("e44-elastic17-clean4-crop2-p6-dropout0.1",
                                          [*CROP_RECIPE, "--dropout", "0.1"], s) for s in (0, 1)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
