@@ -534,6 +534,9 @@ PLANS: dict[str, dict] = {
     # A sixth paired seed for RoPE on the cropped recipe (after cpu-crop-rope-more, RoPE's five:
     # final +6/+11/+3/-6/+4 images against the recipe's, with TTA +3/+5/-6/-2/+7): seed 5 of
     # each, side by side.
+    # Result (2026-12-06, docs/results/cpu-crop-rope-s5.json, rows 39, 40, 45): the recipe 99.33%,
+    # 99.48% with TTA; RoPE 99.40%, 99.55% (+3/+3 images). Six paired seeds: RoPE +3.5 images a
+    # seed final (paired t 1.55, p 0.18), +1.7 with TTA (t 0.85): within the noise; not adopted.
     "cpu-crop-rope-s5": each_with_tta([G(name, [*CROP_RECIPE, *extra], 5) for name, extra in (
         ("e44-elastic17-clean4-crop2-p6", []), ("e44-elastic17-clean4-crop2-p6-rope", ["--rope", "true"]))]),
     # The ViT paper's other regularizer, never tried here: dropout 0.1 (after the embedding, each
