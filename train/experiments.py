@@ -530,7 +530,8 @@ PLANS: dict[str, dict] = {
     # the table), 99.55% with TTA (+2; -3), as on seed 0: between the recipe and RoPE on the table.
     "cpu-crop-rope-more": each_with_tta([
         G("e44-elastic17-clean4-crop2-p6-rope", [*CROP_RECIPE, "--rope", "true"], 4),
-        G("e44-elastic17-clean4-crop2-p6-noposemb-rope", [*CROP_RECIPE, "--posemb", "none", "--rope", "true"], 1)]),
+        G("e44-elastic17-clean4-crop2-p6-noposemb-rope",
+          [*CROP_RECIPE, "--posemb", "none", "--rope", "true"], 1)]),
     # A sixth paired seed for RoPE on the cropped recipe (after cpu-crop-rope-more, RoPE's five:
     # final +6/+11/+3/-6/+4 images against the recipe's, with TTA +3/+5/-6/-2/+7): seed 5 of
     # each, side by side.
