@@ -77,6 +77,8 @@ CROP_RECIPE = [*E44_CLEAN4, *CROP2_P6]
 # how the one-command launch to 99.5% scores and submits (plan gpu-m)
 CROP_LAUNCH = ["--tta", "--submit-weights", "final", "--no-plots"]
 
+# plans cpu-crop-rope-s5, -s6: the cropped recipe and the same with RoPE (run-name stem, options)
+ROPE_PAIR = (("e44-elastic17-clean4-crop2-p6", []), ("e44-elastic17-clean4-crop2-p6-rope", ["--rope", "true"]))
 # plan cpu-u's pair: the recipe and its 5-epoch warm-up (name, run-name suffix, options)
 WARMUP_PAIR = (("recipe", "", []), ("warmup5", "-warmup5", ["--warmup-epochs", "5"]))
 
@@ -538,8 +540,9 @@ PLANS: dict[str, dict] = {
     # Result (2026-12-06, docs/results/cpu-crop-rope-s5.json, rows 39, 40, 45): the recipe 99.33%,
     # 99.48% with TTA; RoPE 99.40%, 99.55% (+3/+3 images). Six paired seeds: RoPE +3.5 images a
     # seed final (paired t 1.55, p 0.18), +1.7 with TTA (t 0.85): within the noise; not adopted.
-    "cpu-crop-rope-s5": each_with_tta([G(name, [*CROP_RECIPE, *extra], 5) for name, extra in (
-        ("e44-elastic17-clean4-crop2-p6", []), ("e44-elastic17-clean4-crop2-p6-rope", ["--rope", "true"]))]),
+    "cpu-crop-rope-s5": each_with_tta([G(name, [*CROP_RECIPE, *extra], 5) for name, extra in ROPE_PAIR]),
+    # ... and a seventh (seed 6), the same way.
+    "cpu-crop-rope-s6": each_with_tta([G(name, [*CROP_RECIPE, *extra], 6) for name, extra in ROPE_PAIR]),
     # The ViT paper's other regularizer, never tried here: dropout 0.1 (after the embedding, each
     # attention projection and each MLP layer; the paper's setting for training from scratch on
     # ImageNet, Table 3), on the cropped recipe, seeds 0 and 1, paired with cpu-crop's (99.43%,
