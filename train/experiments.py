@@ -542,6 +542,9 @@ PLANS: dict[str, dict] = {
     # seed final (paired t 1.55, p 0.18), +1.7 with TTA (t 0.85): within the noise; not adopted.
     "cpu-crop-rope-s5": each_with_tta([G(name, [*CROP_RECIPE, *extra], 5) for name, extra in ROPE_PAIR]),
     # ... and a seventh (seed 6), the same way.
+    # Result (2026-12-06, docs/results/cpu-crop-rope-s6.json, rows 39, 40, 45): the recipe 99.45%,
+    # 99.60% with TTA (its best seed); RoPE 99.36%, 99.52% (-4/-3 images). Seven paired seeds: RoPE
+    # +2.4 images a seed final (t 1.11, p 0.31), +1.0 with TTA (t 0.56, p 0.60): the lead shrank.
     "cpu-crop-rope-s6": each_with_tta([G(name, [*CROP_RECIPE, *extra], 6) for name, extra in ROPE_PAIR]),
     # The ViT paper's other regularizer, never tried here: dropout 0.1 (after the embedding, each
     # attention projection and each MLP layer; the paper's setting for training from scratch on
