@@ -599,7 +599,7 @@ PLANS: dict[str, dict] = {
     ], "ensembles": [("w384-lr3e-4-ens3-tta", [f"kaggle-e60-w384-lr3e-4-s{s}" for s in (0, 1, 2)],
                       True, "final")]},
     # GPU, part M (PART=m, not run yet): the 20-s goal with the cropped CPU recipe (99.51% +-
-    # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/18 of `kaggle`'s FLOPs an image), each
+    # 0.01 with TTA on the CPU, 17 tokens of width 96: ~1/26 of `kaggle`'s FLOPs an image), each
     # run alone for its launch-to-exit time, the trainer's own --tta on the final weights (what
     # the one-command CPU launch prints). The recipe as it is (batch 128) over three seeds, the
     # first compiling into an empty cache; then batch 256 and 512 (fewer, larger steps, for a
