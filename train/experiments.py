@@ -555,6 +555,16 @@ PLANS: dict[str, dict] = {
     # on this CPU (854 img/s side by side against 1,384-1,410). Not adopted.
     "cpu-crop-dropout": each_with_tta([G("e44-elastic17-clean4-crop2-p6-dropout0.1",
                                          [*CROP_RECIPE, "--dropout", "0.1"], s) for s in (0, 1)]),
+    # The PyTorch twin on the cropped recipe: every long-recipe row above was trained by Flax, so
+    # does the best CPU recipe's accuracy belong to the recipe or to the framework? Seeds 0-2 of
+    # torch_main.py, one at a time (two PyTorch processes side by side fight over the OpenMP
+    # threads), against Flax's seeds 0-2 of plans cpu-crop and cpu-crop-s2 on this machine
+    # (99.43%, 99.36%, 99.29%; with TTA 99.52%, 99.50%, 99.50%). Each also scored with TTA on its
+    # final weights through train/ensemble.py, which runs the Flax twin on the PyTorch-trained
+    # weights (one canonical file; the parity suite says the two compute the same function).
+    "cpu-crop-torch": each_with_tta([
+        R(f"torch-e44-elastic17-clean4-crop2-p6-s{s}", [*CROP_RECIPE, "--seed", str(s), "--tta", "--no-plots"],
+          "torch-e44-elastic17-clean4-crop2-p6", trainer="torch") for s in (0, 1, 2)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
