@@ -562,6 +562,11 @@ PLANS: dict[str, dict] = {
     # (99.43%, 99.36%, 99.29%; with TTA 99.52%, 99.50%, 99.50%). Each also scored with TTA on its
     # final weights through train/ensemble.py, which runs the Flax twin on the PyTorch-trained
     # weights (one canonical file; the parity suite says the two compute the same function).
+    # Result (2026-12-06, docs/results/cpu-crop-torch.json, row 47): final 99.33%, 99.33%, 99.52%
+    # = 99.40% +- 0.11 (-4, -1, +10 images), with TTA 99.45%, 99.48%, 99.48% = 99.47% +- 0.01
+    # (-3, -1, -1; paired t-test p = 0.13): the recipe's level belongs to the recipe. 13.4-14.2 min
+    # a run alone, 2,073-2,119 img/s against Flax's 2,666. torch_main.py --eval-only --tta on the
+    # same final weights writes submissions byte-identical to the Flax-scored ones.
     "cpu-crop-torch": each_with_tta([
         R(f"torch-e44-elastic17-clean4-crop2-p6-s{s}", [*CROP_RECIPE, "--seed", str(s), "--tta", "--no-plots"],
           "torch-e44-elastic17-clean4-crop2-p6", trainer="torch") for s in (0, 1, 2)]),
