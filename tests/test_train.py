@@ -66,11 +66,14 @@ def test_torch_twin_trains_with_the_same_cli_and_files(comp, tmp_path):
                                               "submission.csv"}
 
 
-def test_flax_weights_scored_by_either_trainer_give_identical_submissions(flax_run, comp, tmp_path):
+@pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
+def test_flax_weights_scored_by_either_trainer_give_identical_submissions(tta, flax_run, comp, tmp_path):
+    # with --tta each twin shifts the images by its own pad-and-slice (channels-last in Flax,
+    # channels-first in PyTorch) and averages the five views' probabilities: the labels agree
     ckpt = str(flax_run / "model.safetensors")
-    by_torch = trainer("torch", "--eval-only", "--checkpoint", ckpt, "--data", str(comp),
+    by_torch = trainer("torch", "--eval-only", *tta, "--checkpoint", ckpt, "--data", str(comp),
                        "--out", str(tmp_path / "t"), "--val-fraction", "0.2")
-    by_flax = trainer("flax", "--eval-only", "--checkpoint", ckpt, "--data", str(comp),
+    by_flax = trainer("flax", "--eval-only", *tta, "--checkpoint", ckpt, "--data", str(comp),
                       "--out", str(tmp_path / "f"), "--val-fraction", "0.2")
     assert (tmp_path / "t" / "submission.csv").read_bytes() == (tmp_path / "f" / "submission.csv").read_bytes()
     acc = [line for line in (by_torch.stderr + by_flax.stderr).splitlines() if "val acc" in line]
