@@ -576,7 +576,10 @@ PLANS: dict[str, dict] = {
     "cpu-crop-torch": each_with_tta(torch_crop_runs((0, 1, 2))),
     # ... seeds 3 and 4, to tell whether the 1-3 images a seed that the PyTorch twin scored below
     # Flax with TTA are the trainer's or chance; Flax's seeds 3 and 4 (plan cpu-crop-s34): 99.36%,
-    # 99.33%; with TTA 99.52%, 99.45%.
+    # 99.33%; with TTA 99.52%, 99.45%. Result (2026-12-06, docs/results/cpu-crop-torch-s34.json,
+    # row 47): 99.38%, 99.36% final (+1, +1 images), with TTA 99.48%, 99.45% (-2, 0); 13 min 11 s
+    # and 13 min 15 s alone. Over five seeds: final 99.39% +- 0.08 against 99.35% +- 0.05 (+1.4
+    # images a seed, p = 0.58), with TTA 99.47% +- 0.01 against 99.50% +- 0.03 (-1.4, p = 0.05).
     "cpu-crop-torch-s34": each_with_tta(torch_crop_runs((3, 4))),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
