@@ -83,9 +83,9 @@ ROPE_PAIR = (("e44-elastic17-clean4-crop2-p6", []), ("e44-elastic17-clean4-crop2
 WARMUP_PAIR = (("recipe", "", []), ("warmup5", "-warmup5", ["--warmup-epochs", "5"]))
 
 
-def G(name: str, args: list[str], seed: int) -> dict:
+def G(name: str, args: list[str], seed: int, trainer: str = "flax") -> dict:
     """A run of the CPU plans (cpu-g to cpu-k): one seed, scored with TTA, grouped over seeds by name."""
-    return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name)
+    return R(f"{name}-s{seed}", [*args, "--seed", str(seed), "--tta", "--no-plots"], name, trainer)
 
 
 # plan cpu-x's teacher: plan cpu-w's seed-0 model, final weights
@@ -102,8 +102,7 @@ def each_with_tta(runs: list[dict]) -> dict:
 
 def torch_crop_runs(seeds: tuple) -> list[dict]:
     """Plans cpu-crop-torch, -s34: the cropped recipe trained by the PyTorch twin, one run a seed."""
-    return [R(f"torch-e44-elastic17-clean4-crop2-p6-s{s}", [*CROP_RECIPE, "--seed", str(s), "--tta", "--no-plots"],
-              "torch-e44-elastic17-clean4-crop2-p6", trainer="torch") for s in seeds]
+    return [G("torch-e44-elastic17-clean4-crop2-p6", CROP_RECIPE, s, trainer="torch") for s in seeds]
 
 
 def one_change_each(settings: tuple) -> dict:
