@@ -4,6 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -191,6 +192,58 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     last = json.loads((tmp_path / "k1" / "metrics.jsonl").read_text().splitlines()[-1])
     assert report["weights"] == "final" and report["members"][0]["weights"].endswith("model.safetensors")
     assert report["members"][0]["val_acc"] == pytest.approx(last["val_acc"], abs=1e-9)
+    # the reports' errors, gathered over both ensembles by train/hard_digits.py: three models
+    # (k0 and k1's best weights, k1's final), each row counted once a model that got it wrong
+    first = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    wrong = [set(w) for w in first["errors"]["members"] + report["errors"]["members"]]
+    proc = _run(str(ROOT / "train" / "hard_digits.py"), str(tmp_path / "ens" / "ensemble.json"),
+                str(tmp_path / "fin" / "ensemble.json"), "--data", str(comp), "--share", "0.3",
+                "--png", str(tmp_path / "hard.png"), "--json", str(tmp_path / "hard.json"))
+    hard = json.loads((tmp_path / "hard.json").read_text())
+    assert hard["models"] == 3 and hard["val_images"] == 120
+    assert {h["row"]: h["wrong_in"] for h in hard["hard"]} == {
+        row: k for row in set.union(*wrong) if (k := sum(row in w for w in wrong)) >= 0.3 * 3}
+    assert hard["wrong_in_every_model"] == sorted(set.intersection(*wrong))
+    labels = data.resolve(str(comp)).train_labels
+    for h in hard["hard"][:3]:
+        assert f"| {h['row']} | {labels[h['row']]} | {h['wrong_in']} of 3 |" in proc.stdout
+    assert (tmp_path / "hard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _report(path, val_images, members):
+    """An ensemble.json as train/ensemble.py writes it, reduced to what hard_digits reads."""
+    path.write_text(json.dumps({"val_images": val_images, "members": [{"weights": w} for w, _ in members],
+                                "errors": {"members": [sorted(e) for _, e in members]}}))
+    return str(path)
+
+
+def test_hard_digits_counts_each_model_once_on_one_split_and_measures_the_goals(tmp_path):
+    a = _report(tmp_path / "a.json", 1000, [("m0", {1, 2, 3}), ("m1", {1, 2, 4, 5, 6})])
+    # nested as docs/results holds them; m0 scored again with the same errors counts once
+    (tmp_path / "b.json").write_text(json.dumps({"plan": "x", "ensembles": [json.loads(
+        Path(_report(tmp_path / "c.json", 1000, [("m0", {1, 2, 3}), ("m2", {1, 7})])).read_text())]}))
+    other = _report(tmp_path / "d.json", 500, [("m9", {1, 2})])  # another split: left out
+    proc = _run(str(ROOT / "train" / "hard_digits.py"), a, str(tmp_path / "b.json"), other,
+                "--goals", "0.998", "0.997", "--json", str(tmp_path / "s.json"))
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["models"], s["models_on_other_splits"]) == (3, 1)
+    assert s["hard"] == [{"row": 1, "wrong_in": 3}, {"row": 2, "wrong_in": 2}]  # share 0.5 of 3
+    assert s["wrong_in_every_model"] == [1] and (s["fewest_errors"], s["median_errors"]) == (2, 3)
+    assert [(g["errors_allowed"], g["models_reaching_it"]) for g in s["goals"]] == [(2, 1), (3, 2)]
+    assert "3 models scored on a validation split of 1000 images (1 on other splits" in proc.stdout
+    assert "goal 99.80%: at most 2 errors, 1 of them taken" in proc.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{bad}"], "not JSON"), (["{none}"], "no model's errors"), (["{missing}"], "cannot read"),
+    (["{none}", "--png", "x.png"], "--png needs --data"), (["{none}", "--goals", "99.7"], "between 0 and 1")])
+def test_hard_digits_refuses_bad_input_in_one_line(args, words, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "none.json").write_text(json.dumps({"plan": "x", "runs": []}))
+    names = {"bad": tmp_path / "bad.json", "none": tmp_path / "none.json", "missing": tmp_path / "no.json"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "hard_digits.py"),
+                           *[a.format(**names) for a in args]], capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_each_combining_rule_decides_as_it_says():
