@@ -105,7 +105,10 @@ def _mutate(text, row, col, value):
     (lambda t: "\x89PNG\x00\x00binary", "not CSV text"),
     (lambda t: t.replace("label,", "lbl,", 1), "wrong header (column 1 is 'lbl', expected 'label')"),
     (lambda t: _mutate(t, 3, 10, "x7"), "row 4, column 'pixel9' is 'x7'; expected an integer"),
-    (lambda t: _mutate(t, 2, 5, ""), "row 3 has an empty cell (column 'pixel4')"),
+    (lambda t: _mutate(t, 2, 5, ""), "row 3 has an empty (or NaN) cell (column 'pixel4')"),
+    (lambda t: _mutate(t, 2, 9, "99999999999999999999"), "row 3, column 'pixel8' is 1e+20; expected a label"),
+    (lambda t: _mutate(t, 3, 9, "inf"), "row 4, column 'pixel8' is inf; expected a label (0..9) or pixel"),
+    (lambda t: _mutate(t, 1, 0, "1e30"), "row 2, column 'label' is 1e+30"),
     (lambda t: _mutate(t, 2, 300, "256"), "row 3, column 'pixel299' is 256; expected a pixel value in 0..255"),
     (lambda t: _mutate(t, 4, 7, "-1"), "row 5, column 'pixel6' is -1"),
     (lambda t: _mutate(t, 2, 0, "10"), "row 3 has label 10; expected a digit 0..9"),
@@ -137,6 +140,15 @@ def test_missing_paths_folders_and_corrupt_zips_are_refused(tmp_path):
     (tmp_path / "cut.zip").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(data.DataError, match="corrupt zip"):
         data.load_competition(tmp_path / "cut.zip")
+    # a member whose compressed bytes were damaged: the zip's directory reads, the member not
+    with zipfile.ZipFile(good) as zf:
+        start = zf.getinfo("train.csv").header_offset + 30 + len("train.csv")
+    damaged = bytearray(raw)
+    for i in range(start + 100, start + 140):
+        damaged[i] ^= 0xFF
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    with pytest.raises(data.DataError, match="cannot read the zip"):
+        data.load_competition(tmp_path / "damaged.zip", cache=False)
     with zipfile.ZipFile(tmp_path / "only-train.zip", "w") as zf:
         zf.writestr("train.csv", real_rows(5, 1)[0])
     with pytest.raises(data.DataError, match="holds no test.csv"):

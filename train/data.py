@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +80,23 @@ def _read_csv(raw: bytes, name: str, header: list[str]) -> np.ndarray:
     if texts:
         numeric = frame[texts].apply(pd.to_numeric, errors="coerce")
         bad = (numeric.isna() & frame[texts].notna()).to_numpy()
-        r, c = np.argwhere(bad)[0]
-        raise DataError(f"{name}: row {r + 2}, column {texts[c]!r} is {frame[texts[c]].iloc[r]!r}; "
-                        f"expected an integer")
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(f"{name}: row {r + 2}, column {texts[c]!r} is {frame[texts[c]].iloc[r]!r}; "
+                            f"expected an integer")
+        frame[texts] = numeric  # numbers too large for int64, read as text: the checks below say so
     values = frame.to_numpy(dtype=np.float64)
     empty = np.isnan(values)
     if empty.any():
         r, c = np.argwhere(empty)[0]
-        what = "too few columns" if empty[r, c:].all() else "an empty cell"
+        what = "too few columns" if empty[r, c:].all() else "an empty (or NaN) cell"
         raise DataError(f"{name}: row {r + 2} has {what} (column {header[c]!r}); "
                         f"expected {len(header)} numbers")
+    huge = ~(np.abs(values) < 2**31)  # inf, 1e30: no label or pixel, and no int64 either
+    if huge.any():
+        r, c = np.argwhere(huge)[0]
+        raise DataError(f"{name}: row {r + 2}, column {header[c]!r} is {values[r, c]}; "
+                        f"expected a label (0..9) or pixel value (0..255)")
     fractional = values != np.round(values)
     if fractional.any():
         r, c = np.argwhere(fractional)[0]
@@ -139,8 +147,11 @@ def _read_member(folder_or_zip: Path, member: str) -> tuple[bytes, str]:
             return zf.read(names[member]), f"{folder_or_zip}:{member}"
     except zipfile.BadZipFile as e:
         raise DataError(f"{folder_or_zip}: truncated or corrupt zip ({e})") from None
-    except (zipfile.LargeZipFile, EOFError, OSError) as e:
+    except (zipfile.LargeZipFile, EOFError, OSError, zlib.error, NotImplementedError) as e:
         raise DataError(f"{folder_or_zip}: cannot read the zip ({e})") from None
+    except RuntimeError as e:  # zipfile's word for an encrypted member
+        raise DataError(f"{folder_or_zip}: cannot read {member} ({e}); unzip it or give the "
+                        f"competition's own zip") from None
 
 
 def load_competition(path: str | os.PathLike, cache: bool = True) -> Dataset:
