@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Literal
 
 PosEmb = Literal["sincos1d", "sincos2d", "learned", "none"]
@@ -76,7 +77,7 @@ class ViTConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Sequence length seen by the encoder: the patches, plus one class token."""
+        """Sequence length seen by the encoder: the patches, plus the class token with pool='cls'."""
         return self.num_patches + (1 if self.pool == "cls" else 0)
 
     @property
@@ -119,7 +120,9 @@ class ViTConfig:
              + f" is not divisible by patch_size {self.patch_size}")
         need(self.width % self.num_heads == 0,
              f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        need(0 < self.mlp_ratio < math.inf and self.mlp_dim >= 1,
+             f"mlp_ratio must be a finite number that leaves the MLP at least one unit "
+             f"(round(width * mlp_ratio) >= 1), got {self.mlp_ratio}")
         need(self.posemb in ("sincos1d", "sincos2d", "learned", "none"),
              f"posemb must be one of sincos1d, sincos2d, learned, none; got {self.posemb!r}")
         need(self.pool in ("cls", "gap"), f"pool must be 'cls' or 'gap', got {self.pool!r}")
@@ -131,7 +134,10 @@ class ViTConfig:
         for name in ("dropout", "attn_dropout", "drop_path"):
             value = getattr(self, name)
             need(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value}")
-        need(self.ln_eps > 0, f"ln_eps must be > 0, got {self.ln_eps}")
+        need(0 < self.ln_eps < math.inf, f"ln_eps must be a finite number > 0, got {self.ln_eps}")
+        for name in ("qkv_bias", "gelu_exact", "spt", "lsa", "rope"):  # a weight file's "false" is no bool
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got "
+                                                         f"{getattr(self, name)!r}")
         if self.spt:
             need(self.patch_size >= 2, f"spt shifts by half a patch: it needs patch_size >= 2, "
                                        f"got {self.patch_size}")

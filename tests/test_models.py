@@ -164,6 +164,10 @@ def test_every_preset_builds_and_presets_table_is_complete():
     (dict(crop=14), "crop must be a whole number of pixels, 0 <= 2 * crop <"),
     (dict(crop=-1), "crop must be"),
     (dict(crop=1, patch_size=7), "image size 26x26 (after a crop of 1) is not divisible by patch_size 7"),
+    (dict(mlp_ratio=0.001), "leaves the MLP at least one unit"),
+    (dict(mlp_ratio=float("inf")), "mlp_ratio must be a finite number"),
+    (dict(ln_eps=float("inf")), "ln_eps must be a finite number > 0"),
+    (dict(rope="false"), "rope must be true or false, got 'false'"),
 ])
 def test_config_refuses_impossible_values_with_a_clear_message(changes, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -79,12 +79,13 @@ def test_sigkill_during_the_second_checkpoint_write_resumes_from_the_first(comp,
         np.testing.assert_allclose(resumed[name], whole[name], atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, comp, tmp_path):
+@pytest.mark.parametrize("framework, stop", [("flax", signal.SIGINT), ("torch", signal.SIGINT),
+                                             ("flax", signal.SIGTERM)])
+def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, stop, comp, tmp_path):
     out = tmp_path / "run"
     proc = popen_trainer(framework, "--data", str(comp), "--epochs", "50", *FAST, "--out", str(out))
     assert _wait_for(lambda: (out / "checkpoint.safetensors").exists(), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert f"--resume {out}" in err and "Traceback" not in err
@@ -92,6 +93,46 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, comp, tmp_path):
     done = trainer(framework, "--resume", str(out), "--data", str(comp), "--epochs", "50",
                    check=False)
     assert done.returncode == 0 and (out / "submission.csv").exists()
+
+
+def test_ctrl_c_in_the_first_checkpoint_write_leaves_no_file_and_says_start_again(comp, tmp_path):
+    out = tmp_path / "run"
+    os.environ["VIT_TEST_PAUSE"] = "checkpoint-written:30"
+    try:
+        proc = popen_trainer("flax", "--data", str(comp), "--epochs", "3", *FAST, "--out", str(out))
+    finally:
+        del os.environ["VIT_TEST_PAUSE"]
+    assert _wait_for(lambda: any(p.name.startswith(".checkpoint") for p in out.glob(".*")), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "nothing to resume; start the run again" in err
+    assert "Traceback" not in err and "--resume" not in err
+    assert not list(out.glob(".*tmp*")) and not (out / "checkpoint.safetensors").exists()
+
+
+def test_a_new_run_in_a_finished_runs_directory_replaces_it_whole(comp, tmp_path):
+    out = tmp_path / "run"
+    trainer("flax", "--data", str(comp), "--epochs", "1", *FAST, "--out", str(out))
+    assert (out / "best.safetensors").exists() and (out / "checkpoint.safetensors").exists()
+    # the new run is killed in its first checkpoint write: the older run's checkpoint must not
+    # be left for --resume to take up as this run's
+    os.environ["VIT_TEST_PAUSE"] = "checkpoint-written:30"
+    try:
+        proc = popen_trainer("flax", "--data", str(comp), "--epochs", "2", *FAST, "--seed", "1",
+                             "--out", str(out))
+    finally:
+        del os.environ["VIT_TEST_PAUSE"]
+    assert _wait_for(lambda: any(p.name.startswith(".checkpoint") for p in out.glob(".*")), proc)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert f"{out}: replacing the older run there (checkpoint.safetensors, best.safetensors" in err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "best.safetensors", "config.json", "metrics.jsonl"]  # the new run's epoch 1, nothing older
+    again = trainer("flax", "--resume", str(out), "--data", str(comp), check=False)
+    assert again.returncode == 2 and "no checkpoint.safetensors yet" in again.stderr
+    # without a validation split the new run writes no best.safetensors: the older one is gone
+    trainer("flax", "--data", str(comp), "--epochs", "1", *FAST, "--val-fraction", "0", "--out", str(out))
+    assert not (out / "best.safetensors").exists() and (out / "submission.csv").exists()
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_no_submission(comp, tmp_path):

@@ -204,6 +204,9 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--preset", "tiny", "--patch-size", "5"], "not divisible by patch_size 5"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--rotate", "nan"], "--rotate must be a finite number, got nan"),
+    (["--num-classes", "5"], "the digits are 10 classes; the config asks for --num-classes 5"),
     (["--erase", "1.5"], "--erase must be in [0, 1], got 1.5"),
     (["--mixup", "-0.2"], "--mixup must be >= 0, got -0.2"),
     (["--sam", "-0.05"], "--sam must be >= 0, got -0.05"),
@@ -245,6 +248,18 @@ def test_resume_with_another_config_is_refused_naming_the_fields(flax_run, comp)
                    "--width", "64", check=False)
     assert proc.returncode == 2
     assert "lr (run: 0.003, now: 0.1)" in proc.stderr and "width (run: 32, now: 64)" in proc.stderr
+
+
+def test_resume_with_other_data_is_refused_and_the_same_data_moved_is_taken(flax_run, comp, tmp_path):
+    assert len(json.loads((flax_run / "config.json").read_text())["options"]["train_sha256"]) == 32
+    other = write_competition(tmp_path / "other", 1100, 60, as_zip=True)  # 100 rows fewer
+    proc = trainer("flax", "--resume", str(flax_run), "--data", str(other), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "its train.csv is not the one this run started with" in proc.stderr
+    moved = tmp_path / "moved.zip"  # the same bytes elsewhere: the check is of the rows, not the path
+    moved.write_bytes(comp.read_bytes())
+    proc = trainer("flax", "--resume", str(flax_run), "--data", str(moved), check=False)
+    assert "is not the one this run started with" not in proc.stderr
 
 
 def test_unwritable_output_directory_is_refused(comp, tmp_path):

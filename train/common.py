@@ -273,6 +273,10 @@ def check_recipe(r: Recipe) -> None:
         if not ok:
             raise UsageError(msg)
 
+    for field in dataclasses.fields(r):  # inf and nan pass the comparisons below; refuse them first
+        value = getattr(r, field.name)
+        need(not isinstance(value, float) or math.isfinite(value),
+             f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     need(r.epochs >= 1, f"--epochs must be at least 1, got {r.epochs}")
     need(r.batch_size >= 1, f"--batch-size must be at least 1, got {r.batch_size}")
     need(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
@@ -315,7 +319,8 @@ def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
         stored = json.loads(path.read_text())
         config = ViTConfig.from_dict(stored["model"])
         recipe = Recipe(**stored["recipe"])
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        name, options = stored["preset"], dict(stored["options"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, ConfigError) as e:
         raise UsageError(f"{path}: unreadable run config ({e})") from None
     if stored.get("framework") != framework:
         raise UsageError(f"{run_dir}: a {stored.get('framework')} run; resume it with that "
@@ -326,15 +331,14 @@ def resumed_run(run_dir: Path, args: argparse.Namespace, framework: str) -> Run:
         if v is None or v is False or k in RESUMABLE_FREELY:
             continue
         old = (getattr(recipe, k) if hasattr(recipe, k) else getattr(config, k)
-               if hasattr(config, k) else stored["options"].get(k, stored.get(k)))
+               if hasattr(config, k) else options.get(k, stored.get(k)))
         if old != v:
             differ.append(f"{k.replace('_', '-')} (run: {old}, now: {v})")
     if differ:
         raise UsageError(f"{run_dir} was started with another config; these differ: "
                          + ", ".join(differ))
-    options = dict(stored["options"])
     options.update({k: given[k] for k in RESUMABLE_FREELY if given.get(k) not in (None, False)})
-    return Run(stored["preset"], config, recipe, options)
+    return Run(name, config, recipe, options)
 
 
 # ---- the learning-rate schedule ------------------------------------------------------------
@@ -408,6 +412,27 @@ def prepare_out(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"{out}: cannot write the run directory ({e.strerror or e})") from None
+
+
+# What a run writes into its directory besides config.json. A new run in a directory that holds
+# an older one removes these first, so that nothing of the older run (its best weights, its
+# checkpoint, which --resume would take up) passes for the new run's.
+RUN_FILES = ("checkpoint.safetensors", "best.safetensors", "model.safetensors", "metrics.jsonl",
+             "submission.csv", "summary.json", "tta_views.npz", "plots")
+
+
+def start_run(out: Path, spec: Run, framework: str) -> None:
+    """Write a new run's config.json into `out`, after removing what an older run left there."""
+    import shutil
+
+    older = [name for name in RUN_FILES if (out / name).exists()]
+    if older:
+        print(f"{out}: replacing the older run there ({', '.join(older)})", file=sys.stderr)
+    for name in older:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    for tmp in out.glob(".*.tmp-*"):  # a file an older run was writing when it was killed
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", spec.to_json(framework))
 
 
 def append_metrics(out: Path, row: dict[str, Any]) -> None:
@@ -523,7 +548,10 @@ def load_job(args: argparse.Namespace, spec: Run) -> Job:
     if (c.image_height, c.image_width, c.channels) != (28, 28, 1):
         raise UsageError(f"the digits are 28x28x1; the config asks for "
                          f"{c.image_height}x{c.image_width}x{c.channels}")
+    if c.num_classes != 10:
+        raise UsageError(f"the digits are 10 classes; the config asks for --num-classes {c.num_classes}")
     images, labels, test_images, train_idx, val_idx = split_data(spec, dataset)
+    check_same_data(spec, images, labels)
     if spec.options.get("pseudo_labels"):
         images, labels, train_idx = add_pseudo_labels(spec, dataset, images, labels, train_idx)
     steps_per_epoch = len(train_idx) // spec.recipe.batch_size
@@ -553,6 +581,17 @@ def load_teacher(spec: Run):
                          f"{config.channels} images and {config.num_classes} classes, not the digits'")
     check_unchanged(spec, "teacher_sha256", Path(path), f"--teacher {path}: the file")
     return tensors, config
+
+
+def check_same_data(spec: Run, images, labels) -> None:
+    """Keep the SHA-256 of the training rows (train.csv's, after --limit-train) in the run's
+    options; on a resume, refuse other data (another split, other epochs: another run)."""
+    from train import data
+
+    digest = data.train_digest(images, labels)
+    if spec.options.setdefault("train_sha256", digest) != digest:
+        raise UsageError(f"--data {spec.options.get('data')}: its train.csv is not the one this run "
+                         f"started with; resume with that data")
 
 
 def check_unchanged(spec: Run, key: str, path: Path, what: str) -> None:
@@ -684,8 +723,22 @@ def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, An
 
 
 def interrupted(out: Path, epoch: int, framework: str) -> int:
-    """Say where a Ctrl-C in epoch `epoch` (0-based) left the run; -> exit status 130."""
-    done = f"after epoch {epoch}" if epoch > 0 else "before the first epoch ended"
-    print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run {done}. Resume with: "
-          f"python train/{framework}_main.py --resume {out}", file=sys.stderr)
+    """Say where a Ctrl-C (or SIGTERM) in epoch `epoch` (0-based) left the run; -> exit status 130."""
+    if (out / "checkpoint.safetensors").exists():
+        print(f"\ninterrupted in epoch {epoch + 1}; {out} holds the run after epoch {epoch}. Resume "
+              f"with: python train/{framework}_main.py --resume {out}", file=sys.stderr)
+    else:
+        print(f"\ninterrupted in epoch {epoch + 1}, before any checkpoint was written: nothing to "
+              f"resume; start the run again", file=sys.stderr)
     return 130
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a job scheduler's, `kill`'s) stop a trainer as Ctrl-C does: files being written
+    are removed half-written, and the run says where it stands."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)

@@ -214,6 +214,14 @@ def digest(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+def train_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of training rows as parsed (images, then labels; 32 hex digits): what a run
+    trained on, wherever its file lies now."""
+    h = hashlib.sha256(np.ascontiguousarray(images, np.uint8).tobytes())
+    h.update(np.asarray(labels, np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
 def _cached_shapes_ok(train_images, train_labels, test_images) -> bool:
     return (train_images.dtype == np.uint8 and test_images.dtype == np.uint8
             and train_labels.dtype == np.int32 and train_images.shape[1:] == (SIDE, SIDE)

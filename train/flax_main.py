@@ -61,6 +61,9 @@ def load_checkpoint(path: Path, template):
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("epoch"), int)
+            and isinstance(meta.get("best"), dict) and "val_acc" in meta["best"]):
+        raise W.WeightsError(f"{path}: a checkpoint without its epoch and best score (not this trainer's?)")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for p, leaf in leaves:
@@ -134,8 +137,7 @@ def run(args) -> int:
             common.trim_metrics(out, meta["epoch"] + 1)
             print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
     elif lead:
-        common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        common.start_run(out, spec, FRAMEWORK)
 
     print(f"flax: {len(devices)} device(s) ({devices[0].device_kind}"
           f"{', data-parallel: each global batch split over them' if mesh else ''}), {dtype_name}, "
@@ -258,12 +260,21 @@ def eval_only(args, spec, out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = common.build_parser("train/flax_main.py", "Flax").parse_args(argv)
     xla_flags.apply()  # before JAX creates its backend
+    common.stop_on_sigterm()
     try:
         return run(args)
     except (UsageError, data.DataError, W.WeightsError, ConfigError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the epochs say more (in run)
+        print("\ninterrupted outside the epochs", file=sys.stderr)
+        return 130
     return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:  # interrupted: XLA's threads may be mid-step, and the interpreter's teardown
+        sys.stdout.flush()  # can then crash (a segfault, seen on 2 CPU devices); every file is
+        sys.stderr.flush()  # whole already, so leave at once
+        os._exit(130)
+    sys.exit(status)

@@ -63,6 +63,9 @@ def load_checkpoint(path: Path, trainer) -> dict:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("epoch"), int)
+            and isinstance(meta.get("best"), dict) and "val_acc" in meta["best"]):
+        raise W.WeightsError(f"{path}: a checkpoint without its epoch and best score (not this trainer's?)")
     device = next(trainer.model.parameters()).device
     model_state = {k[len("model."):]: v for k, v in stored.items() if k.startswith("model.")}
     try:
@@ -148,8 +151,7 @@ def run(args) -> int:
             common.trim_metrics(out, meta["epoch"] + 1)
             print(f"resuming {out} after epoch {meta['epoch'] + 1}", file=sys.stderr)
     elif lead:
-        common.atomic_write_text(out / "config.json", spec.to_json(FRAMEWORK))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        common.start_run(out, spec, FRAMEWORK)
 
     if not lead:
         spec.options["quiet"] = True
@@ -267,10 +269,14 @@ def eval_only(args, spec, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = common.build_parser("train/torch_main.py", "PyTorch").parse_args(argv)
+    common.stop_on_sigterm()
     try:
         return run(args)
     except (UsageError, data.DataError, W.WeightsError, ConfigError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the epochs say more (in run)
+        print("\ninterrupted outside the epochs", file=sys.stderr)
+        return 130
     return 2
 
 
