@@ -273,11 +273,26 @@ def test_ensemble_refuses_runs_scored_on_different_splits(tmp_path):
                            str(tmp_path / "b"), "--data", str(comp), "--out", str(tmp_path / "e")],
                           capture_output=True, text=True, env=env())
     assert proc.returncode == 2 and "different validation splits" in proc.stderr
+    # without --data the ensemble scores on the runs' own data; other data is refused
+    proc = _run(str(ROOT / "train" / "ensemble.py"), str(tmp_path / "a"), "--out", str(tmp_path / "e"))
+    assert f"scoring on {comp}, the runs' own" in proc.stderr and "DEMO" not in proc.stderr
+    assert len(pd.read_csv(tmp_path / "e" / "submission.csv")) == 10
+    other = write_competition(tmp_path / "other", 290, 10, as_zip=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ensemble.py"), str(tmp_path / "a"),
+                           "--data", str(other), "--out", str(tmp_path / "e2")],
+                          capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and "not the train.csv the runs trained on" in proc.stderr
+    (tmp_path / "b" / "config.json").write_text("{torn")
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "ensemble.py"), str(tmp_path / "b"),
+                           "--out", str(tmp_path / "e3")], capture_output=True, text=True, env=env())
+    assert proc.returncode == 2 and "unreadable run config" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("args,words", [
     (["--min-confidence", "2"], "--min-confidence must be in [0, 1], got 2.0"),
     (["--pseudo-labels", "/no/such/folder/p.csv"], "no such folder to write it in"),
+    (["--pseudo-labels", "/tmp"], "a folder; give the CSV file to write"),
+    (["--combine", "median"], "invalid choice: 'median'"),
 ])
 def test_ensemble_refuses_bad_pseudo_label_options_before_any_work(args, words, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "ensemble.py"), str(tmp_path / "run"),

@@ -27,7 +27,6 @@ image could not fix) and those at least one does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -40,19 +39,34 @@ import numpy as np
 from jaxvit import xla_flags
 from parity import weights as W
 from train import data
-from train.common import UsageError, atomic_write, atomic_write_text, fail, prepare_out
+from train.common import OneLineParser, UsageError, atomic_write, atomic_write_text, fail, prepare_out
 
 
 def member_weights(run_dir: Path, which: str = "best") -> tuple[Path, dict]:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UsageError(f"{run_dir}: not a run directory (no config.json)")
-    run = json.loads(config_path.read_text())
+    try:
+        run = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{config_path}: unreadable run config ({e})") from None
+    if not (isinstance(run, dict) and isinstance(run.get("recipe"), dict)
+            and "val_fraction" in run["recipe"] and isinstance(run.get("options"), dict)):
+        raise UsageError(f"{config_path}: not a trainer's run config (no recipe or options)")
     names = ("best.safetensors", "model.safetensors") if which == "best" else ("model.safetensors",)
     for name in names:
         if (run_dir / name).is_file():
             return run_dir / name, run
     raise UsageError(f"{run_dir}: holds no {' or '.join(names)} (has the run finished?)")
+
+
+def members_data(members: list[tuple[Path, dict]]) -> str | None:
+    """The --data the runs trained on, when they all name the same one and it is still there."""
+    named = {m["options"].get("data") for _, m in members}
+    if len(named) == 1 and (path := named.pop()) is not None and Path(path).exists():
+        print(f"--data not given: scoring on {path}, the runs' own", file=sys.stderr)
+        return path
+    return None
 
 
 COMBINERS = ("mean", "log-mean", "vote", "max-confidence")
@@ -104,7 +118,7 @@ def save_probs(path: Path, val_probs: list[np.ndarray], test_probs: list[np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python train/ensemble.py", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="finished run directories")
     p.add_argument("--data", default=None, help="the competition download (zip or folder)")
     p.add_argument("--tta", action="store_true", help="also average over small shifts")
@@ -133,6 +147,8 @@ def run(args) -> int:
         raise UsageError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     if args.pseudo_labels and not Path(args.pseudo_labels).resolve().parent.is_dir():
         raise UsageError(f"--pseudo-labels {args.pseudo_labels}: no such folder to write it in")
+    if args.pseudo_labels and Path(args.pseudo_labels).is_dir():
+        raise UsageError(f"--pseudo-labels {args.pseudo_labels}: a folder; give the CSV file to write")
     members = [member_weights(Path(r), args.weights) for r in args.runs]
     splits = {(m["recipe"]["val_fraction"], m["recipe"].get("split_seed", 0),
                m["options"].get("limit_train")) for _, m in members}
@@ -140,7 +156,15 @@ def run(args) -> int:
         raise UsageError(f"the runs were scored on different validation splits {sorted(splits)}; "
                          f"an ensemble needs one (same --val-fraction and --split-seed)")
     val_fraction, split_seed, limit = splits.pop()
-    dataset = data.resolve(args.data)
+    dataset = data.resolve(args.data if args.data is not None else members_data(members))
+    if dataset.demo:
+        print(f"DEMO: no --data given, and the runs name none: scoring on {dataset.source}",
+              file=sys.stderr)
+    images, labels = dataset.train_images[:limit], dataset.train_labels[:limit]
+    trained_on = {m["options"].get("train_sha256") for _, m in members} - {None}
+    if trained_on and len(trained_on | {data.train_digest(images, labels)}) > 1:
+        raise UsageError(f"{dataset.source}: not the train.csv the runs trained on (or the runs trained "
+                         f"on different ones); give the same --data")
     out = Path(args.out)
     prepare_out(out)
 
@@ -154,7 +178,6 @@ def run(args) -> int:
 
     cache.use_jax_compilation_cache()  # scoring the same members again compiles nothing
 
-    images, labels = dataset.train_images[:limit], dataset.train_labels[:limit]
     _, val_idx = data.stratified_split(labels, val_fraction, split_seed)
     val_probs, test_probs, report = [], [], {"members": []}
     for path, _ in members:
