@@ -130,7 +130,7 @@ def report_lines(s: dict, labels: dict[int, int] | None) -> list[str]:
         label = labels[h["row"]] if labels is not None else ""
         lines.append(f"| {h['row']} | {label} | {h['wrong_in']} of {n} |")
     lines += ["", f"of those {len(s['hard'])} rows, a model gets wrong: " + ", ".join(
-        f"{k} ({v} models)" for k, v in s["hard_rows_each_model_gets_wrong"].items()), ""]
+        f"{k} ({v} model{'s' * (v != 1)})" for k, v in s["hard_rows_each_model_gets_wrong"].items()), ""]
     for g in s["goals"]:
         lines.append(f"goal {100 * g['goal']:.2f}%: at most {g['errors_allowed']} errors, "
                      f"{g['taken_by_rows_wrong_in_every_model']} of them taken by the rows every "
