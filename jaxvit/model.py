@@ -84,7 +84,8 @@ def sincos1d(num_tokens: int, width: int) -> Array:
 
 
 def sincos2d(grid: tuple[int, int], width: int) -> Array:
-    """big_vision's 2-D table: [sin(x w), cos(x w), sin(y w), cos(y w)] per patch."""
+    """MoCo v3's 2-D table (Chen et al. 2021): [sin(x w), cos(x w), sin(y w), cos(y w)] per patch,
+    the D/4 frequencies w = 10000^(-k / (D/4)) (big_vision's spaces them over D/4 - 1 steps)."""
     rows, cols = grid
     y, x = jnp.meshgrid(jnp.arange(rows, dtype=jnp.float32),
                         jnp.arange(cols, dtype=jnp.float32), indexing="ij")  # (rows, cols)

@@ -43,7 +43,8 @@ def sincos1d(num_tokens: int, width: int) -> np.ndarray:
 
 
 def sincos2d(rows: int, cols: int, width: int) -> np.ndarray:
-    """big_vision's posemb_sincos_2d: per patch (y, x), [sin(x w), cos(x w), sin(y w), cos(y w)]."""
+    """MoCo v3's 2-D sin-cos table: per patch (y, x), [sin(x w), cos(x w), sin(y w), cos(y w)],
+    w = 10000^(-k / (D/4)) for k < D/4."""
     quarter = width // 4
     omega = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
     table = np.zeros((rows * cols, width), np.float64)

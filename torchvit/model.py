@@ -80,7 +80,8 @@ def sincos1d(num_tokens: int, width: int) -> Tensor:
 
 
 def sincos2d(grid: tuple[int, int], width: int) -> Tensor:
-    """big_vision's 2-D table: [sin(x w), cos(x w), sin(y w), cos(y w)] per patch."""
+    """MoCo v3's 2-D table (Chen et al. 2021): [sin(x w), cos(x w), sin(y w), cos(y w)] per patch,
+    the D/4 frequencies w = 10000^(-k / (D/4)) (big_vision's spaces them over D/4 - 1 steps)."""
     rows, cols = grid
     y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float32),
                           torch.arange(cols, dtype=torch.float32), indexing="ij")  # (rows, cols)
