@@ -89,6 +89,8 @@ def test_bench_rounds_pool_the_steps_and_pair_each_round(tmp_path):
     (["--warmup", "-1"], "--warmup >= 0"),
     (["--rounds", "0"], "--rounds and --cpu-devices must be >= 1"),
     (["--modes", "flax-fp64"], "unknown mode(s) ['flax-fp64']"),
+    (["--modes", ",", "--patchify-batches", ""], "nothing to time"),
+    (["--modes", "flax-fp32", "--steps", "lots"], "invalid int value: 'lots' (see python train/bench.py --help)"),
     (["--spt", "maybe"], "argument --spt: expected true or false, got 'maybe'"),
     (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),
     (["--crop", "2", "--patch-size", "6", "--modes", "flax-fp32,timm-eager-fp32"],
@@ -357,6 +359,13 @@ def test_compare_runs_tells_a_repeated_run_from_another_seed(tmp_path):
     bad = compare(str(tmp_path / "a"), str(tmp_path / "comp"))
     assert bad.returncode == 2 and "holds no model.safetensors" in bad.stderr
     assert len(bad.stderr.splitlines()) == 1
+    # a kill mid-write leaves a torn last metrics line: the epochs before it still compare
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_ac')
+    assert compare(str(tmp_path / "a"), str(tmp_path / "b")).returncode == 0
+    (tmp_path / "c" / "summary.json").write_text("{torn")
+    torn = compare(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert torn.returncode == 2 and "summary.json: unreadable" in torn.stderr and "Traceback" not in torn.stderr
 
 
 def test_experiment_runner_collects_groups_and_ensembles(tmp_path):

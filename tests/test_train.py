@@ -204,6 +204,7 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--preset", "tiny", "--patch-size", "5"], "not divisible by patch_size 5"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--resume", ""], "--resume needs a run directory, got an empty string"),
     (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
     (["--rotate", "nan"], "--rotate must be a finite number, got nan"),
     (["--num-classes", "5"], "the digits are 10 classes; the config asks for --num-classes 5"),

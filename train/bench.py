@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxvit import xla_flags
 from parity.config import PRESETS, ViTConfig, preset
-from train.common import UsageError, add_config_options, config_from_options
+from train.common import OneLineParser, UsageError, add_config_options, config_from_options, prepare_out
 
 MODES = ["flax-fp32", "flax-bf16", "torch-eager-fp32", "torch-eager-bf16",
          "torch-compile-fp32", "torch-compile-bf16"]
@@ -398,7 +398,7 @@ def batch_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python train/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=128)
@@ -451,8 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if not modes and not args.patchify_batches:
+        print("error: nothing to time: give --modes or --patchify-batches", file=sys.stderr)
+        return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_out(out)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rounds: list[list[dict]] = []
     for n in range(args.rounds):  # the modes in turn, again and again: each sees the same drift
         rounds.append([])

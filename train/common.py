@@ -478,6 +478,8 @@ def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
         if unused:
             raise UsageError(f"--eval-only scores --checkpoint as it is; only training reads "
                              f"{', '.join(unused)}")
+    if args.resume is not None and not args.resume.strip():  # an empty shell variable, say
+        raise UsageError("--resume needs a run directory, got an empty string")
     if args.resume:
         out = Path(args.resume)
         return resumed_run(out, args, framework), out

@@ -19,7 +19,6 @@ caps it, which is how to show that on one machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
 import numpy as np
 
 from parity import weights as W
-from train.common import UsageError, fail
+from train.common import OneLineParser, UsageError, fail
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], dict]:
@@ -39,10 +38,17 @@ def load_run(run_dir: Path) -> tuple[dict[str, np.ndarray], list[dict], dict]:
         raise UsageError(f"{run_dir}: holds no model.safetensors (not a finished run?)")
     tensors, _ = W.load(path)
     metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.is_file() else []
+    rows = []
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line, which a kill mid-write leaves: the epochs before it count
     summary = run_dir / "summary.json"
-    env = json.loads(summary.read_text()).get("environment", {}) if summary.is_file() else {}
+    try:
+        env = json.loads(summary.read_text()).get("environment", {}) if summary.is_file() else {}
+    except (json.JSONDecodeError, AttributeError):
+        raise UsageError(f"{summary}: unreadable (not the JSON a finished run writes)") from None
     return tensors, rows, env
 
 
@@ -63,7 +69,7 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python train/compare_runs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("a", help="a finished run directory")
     p.add_argument("b", help="another one")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")

@@ -239,7 +239,10 @@ def _store(path: Path, **arrays: np.ndarray) -> None:
     except OSError:
         pass
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the cache folder is no folder (a file in its place): nothing was written
+            pass
 
 
 def load_demo() -> Dataset:

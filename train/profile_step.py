@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from jaxvit import xla_flags
 from parity.config import PRESETS
-from train.common import UsageError, add_config_options, config_from_options
+from train.common import OneLineParser, UsageError, add_config_options, config_from_options
 
 # ---- Flax ----------------------------------------------------------------------------------
 TYPE = r"(?:\([^=]*?\)|\S+)"  # an HLO result type: a shape, or a tuple of shapes
@@ -319,7 +319,7 @@ def markdown(results: list[dict], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python train/profile_step.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=128)

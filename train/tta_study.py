@@ -21,7 +21,6 @@ and random draws of the training augmentation itself, at its strength and at hal
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 from jaxvit import xla_flags
 from parity import weights as W
 from train import cache, data
-from train.common import Recipe, UsageError, atomic_write, atomic_write_text, fail, prepare_out
+from train.common import OneLineParser, Recipe, UsageError, atomic_write, atomic_write_text, fail, prepare_out
 from train.ensemble import member_weights
 
 DRAWS = 16  # random draws of each augmentation strength
@@ -153,7 +152,7 @@ def score(probs: dict[str, np.ndarray], labels: np.ndarray, views: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python train/tta_study.py", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="finished run directories (either trainer) with a validation split")
     p.add_argument("--data", default=None, help="the competition download (zip or folder)")
     p.add_argument("--out", default="runs/tta-study", help="where tta_study.json and tta_study.md go")
