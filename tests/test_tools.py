@@ -331,6 +331,11 @@ def test_tta_study_scores_view_sets_as_the_trainers_tta_does(tmp_path):
     _run(*study, "--out", str(tmp_path / "s2"))
     assert cache.stat().st_mtime_ns == before
     assert (tmp_path / "s2" / "tta_study.md").read_text() == (tmp_path / "s" / "tta_study.md").read_text()
+    # a damaged cache is scored again and written anew, to the same table
+    cache.write_bytes(cache.read_bytes()[:200])
+    _run(*study, "--out", str(tmp_path / "s3"))
+    assert (tmp_path / "s3" / "tta_study.md").read_text() == (tmp_path / "s" / "tta_study.md").read_text()
+    assert set(np.load(cache).files) == set(VIEWS) | {"labels"}
 
 
 def test_tta_study_refuses_a_directory_that_is_not_a_run(tmp_path):

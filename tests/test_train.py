@@ -130,6 +130,12 @@ def test_tta_submission_is_written(flax_run, comp, tmp_path):
     trainer("flax", "--eval-only", "--tta", "--checkpoint", str(flax_run / "best.safetensors"),
             "--data", str(comp), "--out", str(tmp_path))
     assert len(pd.read_csv(tmp_path / "submission.csv")) == 60
+    # model options beside --eval-only must name the checkpoint's model (tiny), or are refused
+    proc = trainer("flax", "--eval-only", "--checkpoint", str(flax_run / "best.safetensors"), "--data",
+                   str(comp), "--preset", "cpu", "--out", str(tmp_path / "cpu"), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "width (checkpoint: 32, options: 96), depth (checkpoint: 2, options: 4)" in proc.stderr
+    assert not (tmp_path / "cpu").exists()
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])

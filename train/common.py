@@ -467,6 +467,18 @@ def pause_for_tests(point: str) -> None:
         time.sleep(float(spec.split(":", 1)[1]))
 
 
+def check_eval_config(args: argparse.Namespace, asked: ViTConfig, stored: ViTConfig) -> None:
+    """--eval-only takes the model from the checkpoint's own config; a --preset or model option
+    given beside it must describe that model, or it is refused rather than silently ignored."""
+    named = args.preset is not None or any(getattr(args, f.name, None) is not None
+                                           for f in dataclasses.fields(ViTConfig))
+    differ = [f"{f.name} (checkpoint: {getattr(stored, f.name)}, options: {getattr(asked, f.name)})"
+              for f in dataclasses.fields(ViTConfig) if getattr(stored, f.name) != getattr(asked, f.name)]
+    if named and differ:
+        raise UsageError(f"--checkpoint holds another model than the options name: {', '.join(differ)}; "
+                         f"--eval-only takes the checkpoint's, so leave the model options out")
+
+
 # ---- what both trainers do before training --------------------------------------------------
 def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
     """The run to do and its directory: a resumed one (its stored config) or a new one."""
@@ -478,6 +490,7 @@ def open_run(args: argparse.Namespace, framework: str) -> tuple[Run, Path]:
         if unused:
             raise UsageError(f"--eval-only scores --checkpoint as it is; only training reads "
                              f"{', '.join(unused)}")
+
     if args.resume is not None and not args.resume.strip():  # an empty shell variable, say
         raise UsageError("--resume needs a run directory, got an empty string")
     if args.resume:

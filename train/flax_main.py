@@ -235,6 +235,7 @@ def eval_only(args, spec, out: Path) -> int:
         raise UsageError("--eval-only needs --checkpoint FILE (a canonical .safetensors)")
     config = W.read_config(args.checkpoint)
     tensors, config = W.load(args.checkpoint, config)
+    common.check_eval_config(args, spec.config, config)
     dataset = data.resolve(spec.options.get("data"))
     common.prepare_out(out)
 

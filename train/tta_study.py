@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -130,9 +131,13 @@ def run_views(run_dir: Path, dataset) -> tuple[dict[str, np.ndarray], np.ndarray
         raise UsageError(f"{run_dir}: trained without a validation split; nothing to score on")
     cache = run_dir / "tta_views.npz"
     if cache.is_file():
-        saved = np.load(cache)
-        if set(saved.files) == set(VIEWS) | {"labels"} and np.array_equal(saved["labels"], labels[val_idx]):
-            return {v: saved[v] for v in VIEWS}, labels[val_idx]
+        try:
+            with np.load(cache) as saved:
+                if set(saved.files) == set(VIEWS) | {"labels"} and \
+                        np.array_equal(saved["labels"], labels[val_idx]):
+                    return {v: saved[v] for v in VIEWS}, labels[val_idx]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged cache: score the views again and write it anew
     import jax
     import jax.numpy as jnp
 
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     run_dirs = [Path(r) for r in args.runs]
-    for r in run_dirs:
-        member_weights(r, "final")  # refuse a bad directory before any work
+    for r in run_dirs:  # refuse a bad directory, or one with nothing to score, before any work
+        if member_weights(r, "final")[1]["recipe"]["val_fraction"] == 0:
+            raise UsageError(f"{r}: trained without a validation split; nothing to score on")
     dataset = data.resolve(args.data)
     out = Path(args.out)
     prepare_out(out)
