@@ -104,6 +104,8 @@ def _mutate(text, row, col, value):
     (lambda t: "", "the file is empty"),
     (lambda t: "\x89PNG\x00\x00binary", "not CSV text"),
     (lambda t: t.replace("label,", "lbl,", 1), "wrong header (column 1 is 'lbl', expected 'label')"),
+    (lambda t: t.replace(",", ";"), "wrong header (column 1 is 'label;pixel0;pixel1;pixel2;pixel3;pixel4...', "
+                                    "expected 'label')"),
     (lambda t: _mutate(t, 3, 10, "x7"), "row 4, column 'pixel9' is 'x7'; expected an integer"),
     (lambda t: _mutate(t, 2, 5, ""), "row 3 has an empty (or NaN) cell (column 'pixel4')"),
     (lambda t: _mutate(t, 2, 9, "99999999999999999999"), "row 3, column 'pixel8' is 1e+20; expected a label"),

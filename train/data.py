@@ -64,7 +64,8 @@ def _read_csv(raw: bytes, name: str, header: list[str]) -> np.ndarray:
         if bad is None:
             detail = f"{len(first)} columns, expected {len(header)}"
         else:
-            detail = f"column {bad + 1} is {first[bad]!r}, expected {header[bad]!r}"
+            cell = first[bad] if len(first[bad]) <= 40 else first[bad][:40] + "..."  # a ;-separated header
+            detail = f"column {bad + 1} is {cell!r}, expected {header[bad]!r}"
         raise DataError(f"{name}: wrong header ({detail}); expected "
                         f"'{header[0]},{header[1]},...,{header[-1]}'")
     try:
