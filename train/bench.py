@@ -399,7 +399,7 @@ def batch_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python train/bench.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")

@@ -429,7 +429,10 @@ def start_run(out: Path, spec: Run, framework: str) -> None:
     if older:
         print(f"{out}: replacing the older run there ({', '.join(older)})", file=sys.stderr)
     for name in older:
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        else:
+            (out / name).unlink()
     for tmp in out.glob(".*.tmp-*"):  # a file an older run was writing when it was killed
         tmp.unlink(missing_ok=True)
     atomic_write_text(out / "config.json", spec.to_json(framework))

@@ -320,7 +320,7 @@ def markdown(results: list[dict], args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python train/profile_step.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after 3 untimed ones)")
