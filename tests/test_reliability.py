@@ -90,6 +90,8 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, stop, comp, tmp_
     assert proc.returncode == 130, err[-2000:]
     assert f"--resume {out}" in err and "Traceback" not in err
     assert not (out / "submission.csv").exists()
+    if stop == signal.SIGTERM:
+        return  # the resume below is the same after either signal
     done = trainer(framework, "--resume", str(out), "--data", str(comp), "--epochs", "50",
                    check=False)
     assert done.returncode == 0 and (out / "submission.csv").exists()
