@@ -73,8 +73,9 @@ def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 
     return proc
 
 
-def popen_trainer(framework: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet", "--no-plots",
-           *args]
+def popen_trainer(framework: str, *args: str, cwd: Path | None = None,
+                  plots: bool = False) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "train" / f"{framework}_main.py"), "--quiet",
+           *([] if plots else ["--no-plots"]), *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=cwd, env=env())

@@ -112,6 +112,23 @@ def test_ctrl_c_in_the_first_checkpoint_write_leaves_no_file_and_says_start_agai
     assert not list(out.glob(".*tmp*")) and not (out / "checkpoint.safetensors").exists()
 
 
+def test_ctrl_c_while_the_pictures_are_drawn_keeps_the_results_and_no_half_set(comp, tmp_path):
+    out = tmp_path / "run"
+    os.environ["VIT_TEST_PAUSE"] = "plots-one-drawn:30"
+    try:
+        proc = popen_trainer("flax", "--data", str(comp), "--epochs", "1", *FAST, "--out", str(out),
+                             plots=True)
+    finally:
+        del os.environ["VIT_TEST_PAUSE"]
+    assert _wait_for(lambda: any(out.glob(".plots.tmp-*/posemb.png")), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted while drawing the pictures" in err
+    assert "python -m train.plots" in err and "Traceback" not in err
+    assert (out / "submission.csv").exists() and (out / "model.safetensors").exists()
+    assert not (out / "plots").exists() and not list(out.glob(".plots*"))
+
+
 def test_a_new_run_in_a_finished_runs_directory_replaces_it_whole(comp, tmp_path):
     out = tmp_path / "run"
     trainer("flax", "--data", str(comp), "--epochs", "1", *FAST, "--out", str(out))

@@ -433,8 +433,11 @@ def start_run(out: Path, spec: Run, framework: str) -> None:
             shutil.rmtree(out / name)
         else:
             (out / name).unlink()
-    for tmp in out.glob(".*.tmp-*"):  # a file an older run was writing when it was killed
-        tmp.unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp-*"):  # what an older run was writing when it was killed
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
     atomic_write_text(out / "config.json", spec.to_json(framework))
 
 

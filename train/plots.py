@@ -530,6 +530,7 @@ def plot_run(run_dir: str | os.PathLike, dataset: data.Dataset | None = None,
     table = posemb_table(config, tensors)
     files["posemb"] = draw_posemb(out / "posemb.png", config, table)
     record["posemb"] = {"kind": config.posemb, "shape": list(table.shape)}
+    common.pause_for_tests("plots-one-drawn")
 
     shown = val_idx if len(val_idx) else np.arange(len(labels))
     if not len(shown):
@@ -595,15 +596,28 @@ def plot_run(run_dir: str | os.PathLike, dataset: data.Dataset | None = None,
 def draw_safely(run_dir: str | os.PathLike, dataset: data.Dataset | None = None) -> dict[str, Path] | None:
     """plot_run for the trainers: a failure is one warning line on stderr, never an exception,
     so the run's exit status and files stay as they are."""
+    import shutil
+
     t0 = time.perf_counter()
+    final = Path(run_dir) / "plots"
+    drawing = Path(run_dir) / f".plots.tmp-{os.getpid()}"  # renamed to plots/ once all are drawn
     try:
-        files = plot_run(run_dir, dataset)
+        files = plot_run(run_dir, dataset, drawing)
+        shutil.rmtree(final, ignore_errors=True)
+        drawing.rename(final)
+        files = {name: final / path.name for name, path in files.items()}
     except Exception as e:  # noqa: BLE001 (the pictures must never fail a finished run)
         text = " ".join(str(e).split()) or "no message"
         if not isinstance(e, PlotError | common.UsageError | data.DataError | W.WeightsError):
             text = f"{type(e).__name__}: {text}"
         print(f"warning: plotting failed: {text[:400]}", file=sys.stderr)
         return None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while drawing the pictures; the run's results are whole (draw them "
+              f"with: python -m train.plots {run_dir})", file=sys.stderr)
+        raise
+    finally:
+        shutil.rmtree(drawing, ignore_errors=True)
     pictures = [p for name, p in files.items() if name != "data"]
     print(f"plots: {len(pictures)} pictures in {files['data'].parent} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
