@@ -76,6 +76,10 @@ def test_parity_report_exits_zero_and_prints_table():
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown --config p5-nope;" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not bad.stdout
+    flag = subprocess.run([sys.executable, "-m", "parity", "--confg", name],
+                          capture_output=True, text=True, timeout=600)
+    assert flag.returncode == 2 and len(flag.stderr.strip().splitlines()) == 1
+    assert "unrecognized arguments: --confg" in flag.stderr
 
 
 def test_suite_notices_a_weight_that_differs_by_1e_3():

@@ -730,7 +730,7 @@ def print_done(out: Path, rows: int, weights: str, tta: bool, best: dict[str, An
     with --tta the validation accuracy of the submission's weights with TTA; the same in
     summary.json, with the environment the run ended in."""
     score = (f"best val acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best["epoch"] > 0
-             else "no validation split (--val-fraction 0)")
+             else "no validation images (--val-fraction 0, or too few rows for one)")
     if tta_val_acc is not None:
         score += f", {tta_val_acc:.4f} with TTA"
     scored = best["epoch"] > 0
