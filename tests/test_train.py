@@ -91,7 +91,7 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
     assert len(rows) == 2 and not any("val_acc" in r for r in rows)
     assert not (out / "best.safetensors").exists()
     last = proc.stderr.strip().splitlines()[-1]
-    assert "weights: model.safetensors, TTA" in last and "no validation split" in last
+    assert "weights: model.safetensors, TTA" in last and "no validation images" in last
     assert "1200 train / 0 val" in proc.stderr
     assert len(pd.read_csv(out / "submission.csv")) == 60
     summary = json.loads((out / "summary.json").read_text())
