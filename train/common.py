@@ -473,6 +473,15 @@ def pause_for_tests(point: str) -> None:
         time.sleep(float(spec.split(":", 1)[1]))
 
 
+def check_checkpoint_meta(meta, path: Path) -> None:
+    """Refuse a checkpoint whose header lacks the record a resume reads (epoch, best score)."""
+    from parity import weights as W
+
+    if not (isinstance(meta, dict) and isinstance(meta.get("epoch"), int)
+            and isinstance(meta.get("best"), dict) and "val_acc" in meta["best"]):
+        raise W.WeightsError(f"{path}: a checkpoint without its epoch and best score (not this trainer's?)")
+
+
 def check_eval_config(args: argparse.Namespace, asked: ViTConfig, stored: ViTConfig) -> None:
     """--eval-only takes the model from the checkpoint's own config; a --preset or model option
     given beside it must describe that model, or it is refused rather than silently ignored."""

@@ -61,9 +61,7 @@ def load_checkpoint(path: Path, template):
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get("epoch"), int)
-            and isinstance(meta.get("best"), dict) and "val_acc" in meta["best"]):
-        raise W.WeightsError(f"{path}: a checkpoint without its epoch and best score (not this trainer's?)")
+    common.check_checkpoint_meta(meta, path)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for p, leaf in leaves:

@@ -63,9 +63,7 @@ def load_checkpoint(path: Path, trainer) -> dict:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise W.WeightsError(f"{path}: unreadable checkpoint ({e})") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get("epoch"), int)
-            and isinstance(meta.get("best"), dict) and "val_acc" in meta["best"]):
-        raise W.WeightsError(f"{path}: a checkpoint without its epoch and best score (not this trainer's?)")
+    common.check_checkpoint_meta(meta, path)
     device = next(trainer.model.parameters()).device
     model_state = {k[len("model."):]: v for k, v in stored.items() if k.startswith("model.")}
     try:
