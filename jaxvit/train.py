@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxvit.model import ViT, init_params
+from parity import weights as W
 from parity.config import ViTConfig
 from train.common import annealed_steps, augmented_steps, augments, mixes, schedule_steps, warp_strength
 
@@ -32,13 +33,9 @@ def make_optimizer(recipe, steps_per_epoch: int) -> optax.GradientTransformation
     """AdamW with linear warm-up and cosine decay; decay only on kernels; global-norm clipping."""
     warmup, total = schedule_steps(recipe, steps_per_epoch)
     schedule = optax.warmup_cosine_decay_schedule(0.0, recipe.lr, warmup, total, end_value=0.0)
-
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
     steps = [optax.clip_by_global_norm(recipe.grad_clip)] if recipe.grad_clip > 0 else []
     steps.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=recipe.weight_decay, mask=decay_mask))
+                             weight_decay=recipe.weight_decay, mask=W.flax_decay_mask))
     return optax.chain(*steps)
 
 

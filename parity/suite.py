@@ -189,9 +189,8 @@ class Twins:
 
         model = FlaxViT(self.config)
         params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(self.canonical, self.config))
-        mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
         tx = optax.adamw(adamw["lr"], b1=0.9, b2=0.999, eps=adamw["eps"],
-                         weight_decay=adamw["wd"], mask=mask)
+                         weight_decay=adamw["wd"], mask=W.flax_decay_mask)
 
         @jax.jit
         def everything(params, x, y):
@@ -222,10 +221,7 @@ class Twins:
         with torch.no_grad():
             _, out = model(images, capture=True)
         named = list(model.named_parameters())
-        decay = [p for n, p in named if W.decays(W.torch_name_to_canonical(n, p.ndim))]
-        no_decay = [p for n, p in named if not W.decays(W.torch_name_to_canonical(n, p.ndim))]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": adamw["wd"]},
-                                 {"params": no_decay, "weight_decay": 0.0}],
+        opt = torch.optim.AdamW(W.torch_param_groups(model, adamw["wd"]),
                                 lr=adamw["lr"], betas=(0.9, 0.999), eps=adamw["eps"])
         opt.zero_grad()
         F.cross_entropy(model(images), torch.from_numpy(y)).backward()

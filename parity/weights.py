@@ -109,17 +109,21 @@ def flax_to_canonical(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Nested Flax params -> flat canonical table ('blocks_3' becomes 'blocks.3')."""
     out: dict[str, np.ndarray] = {}
 
-    def walk(tree: Mapping[str, Any], prefix: str) -> None:
+    def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> None:
         for key, value in tree.items():
-            m = _FLAX_BLOCK.match(key)
-            name = prefix + (f"blocks.{m.group(1)}" if m else key)
             if isinstance(value, Mapping):
-                walk(value, name + ".")
+                walk(value, path + (key,))
             else:
-                out[name] = np.asarray(value)
+                out[flax_path_to_canonical(path + (key,))] = np.asarray(value)
 
-    walk(params, "")
+    walk(params, ())
     return out
+
+
+def flax_path_to_canonical(path: tuple[str, ...]) -> str:
+    """The canonical name of one Flax leaf, by its keys: ('blocks_3', 'mlp', 'fc1', 'kernel')
+    -> 'blocks.3.mlp.fc1.kernel'."""
+    return ".".join(f"blocks.{m.group(1)}" if (m := _FLAX_BLOCK.match(key)) else key for key in path)
 
 
 def canonical_to_flax(tensors: Mapping[str, np.ndarray], config: ViTConfig) -> dict[str, Any]:
@@ -256,3 +260,20 @@ def torch_name_to_canonical(name: str, ndim: int) -> str:
     if name.endswith(".weight"):
         return name[: -len("weight")] + ("kernel" if ndim == 2 else "scale")
     return name
+
+
+def flax_decay_mask(params: Any) -> Any:
+    """Flax params -> the same tree of bools, True where `decays` (optax's `mask=`). Works on
+    traced params too: it reads only the tree's keys."""
+    import jax
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decays(flax_path_to_canonical(tuple(k.key for k in path))), params)
+
+
+def torch_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """A torch model's parameters as AdamW's two groups: those that `decays`, at weight_decay,
+    then the rest, at 0."""
+    named = [(torch_name_to_canonical(n, p.ndim), p) for n, p in model.named_parameters()]
+    return [{"params": [p for n, p in named if decays(n)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]

@@ -71,3 +71,27 @@ def test_torch_state_dict_round_trip_is_bitwise(config):
     back = W.canonical_to_torch(W.torch_to_canonical(state), config)
     assert set(back) == set(state)
     assert all(torch.equal(back[n], state[n]) for n in state)
+
+
+@pytest.mark.parametrize("options", [{}, {"spt": True, "lsa": True}], ids=["plain", "spt-lsa"])
+def test_both_optimizers_decay_the_same_tensors_the_kernels_only(options):
+    """One rule (`W.decays`) picks the tensors that take weight decay, in both trainers."""
+    import jax
+
+    from torchvit.model import ViT
+
+    config = preset("tiny", pool="cls", posemb="learned", **options)
+    table = W.random_canonical(config)
+    mask = W.flax_to_canonical(W.flax_decay_mask(W.canonical_to_flax(table, config)))
+    flax_decayed = {n for n, m in mask.items() if m}
+    model = ViT(config)
+    decayed, rest = W.torch_param_groups(model, 0.05)
+    by_id = {id(p): W.torch_name_to_canonical(n, p.ndim) for n, p in model.named_parameters()}
+    torch_decayed = {by_id[id(p)] for p in decayed["params"]}
+    assert (decayed["weight_decay"], rest["weight_decay"]) == (0.05, 0.0)
+    assert flax_decayed == torch_decayed == {n for n in table if n.endswith(".kernel")}
+    assert len(decayed["params"]) + len(rest["params"]) == len(table)
+    assert any(n.startswith("blocks.0.") for n in flax_decayed)  # the blocks' kernels too
+    # the mask reads only the tree's keys, so optax can call it on traced params inside jit
+    traced = jax.jit(lambda p: W.flax_decay_mask(p))(W.canonical_to_flax(table, config))
+    assert W.flax_to_canonical(traced) == mask

@@ -25,11 +25,7 @@ TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (dy, dx) in pixels
 
 def make_optimizer(model: ViT, recipe) -> torch.optim.AdamW:
     """AdamW; decay only on kernels (2-D weights). The learning rate is set every step."""
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if W.decays(W.torch_name_to_canonical(n, p.ndim))]
-    no_decay = [p for n, p in named if not W.decays(W.torch_name_to_canonical(n, p.ndim))]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
+    return torch.optim.AdamW(W.torch_param_groups(model, recipe.weight_decay),
                              lr=0.0, betas=(0.9, 0.999), eps=1e-8)
 
 
