@@ -177,8 +177,9 @@ def torch_to_canonical(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 # ---- files ---------------------------------------------------------------------------
 def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], config: ViTConfig,
          metadata: Mapping[str, str] | None = None) -> None:
-    """Write a canonical safetensors file atomically (temp file, fsync, rename)."""
-    from safetensors.numpy import save_file
+    """Write a canonical safetensors file atomically (temp file, fsync, rename). The same
+    weights and config always give the same bytes."""
+    from safetensors.numpy import save as to_bytes
 
     check(tensors, config)
     path = Path(path)
@@ -188,12 +189,27 @@ def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], config: ViT
               for n in canonical_shapes(config)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(arrays, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            f.write(_sorted_metadata(to_bytes(arrays, metadata=meta)))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The same file with its header's metadata in sorted order. safetensors writes the
+    metadata in a random order on each save (a Rust HashMap: safetensors issue #584), so two
+    saves of the same weights would differ in bytes and in checksum. The header is rewritten
+    at the same length, so the tensors' bytes and offsets stay as they are."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # the same keys and values, compact: never longer than the library's
+        raise WeightsError(f"could not rewrite the safetensors header ({len(text)} > {n} bytes)")
+    return blob[:8] + text.ljust(n) + blob[8 + n:]
 
 
 def read_config(path: str | os.PathLike) -> ViTConfig:

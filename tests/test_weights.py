@@ -24,6 +24,19 @@ def test_file_round_trip_is_bitwise_and_carries_the_config(tmp_path, config):
     assert not [p for p in tmp_path.iterdir() if p.name != "m.safetensors"]  # no temp left
 
 
+def test_the_same_weights_always_give_the_same_file(tmp_path, config):
+    # safetensors alone writes its metadata in a random order on each save, so a checksum
+    # could not tell two runs' identical weights apart from different ones
+    tensors = W.random_canonical(config, 5)
+    files = set()
+    for i in range(12):
+        W.save(tmp_path / f"{i}.safetensors", tensors, config, metadata={"b": "2", "a": "1"})
+        files.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(files) == 1
+    loaded, stored = W.load(tmp_path / "0.safetensors", config)
+    assert stored == config and all(loaded[n].tobytes() == tensors[n].tobytes() for n in tensors)
+
+
 def test_names_and_shapes_that_do_not_fit_are_named(tmp_path, config):
     tensors = W.random_canonical(config, 5)
     bad = dict(tensors)
