@@ -264,7 +264,9 @@ class Block(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        # LayerNorm runs in float32 whatever the compute dtype.
+        # LayerNorm runs in float32 whatever the compute dtype. Its variance is E[x²] - E[x]²
+        # (Flax's default), torch's two-pass; on trained weights the twins' logits agree as
+        # closely either way (README, "The parity suite").
         self.norm1 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         self.attn = Attention(c, dtype=self.dtype, implementation=self.attention)
         self.norm2 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)

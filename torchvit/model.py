@@ -211,7 +211,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ViTConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        c = config
+        c = self.config = config
         self.norm1 = nn.LayerNorm(c.width, eps=c.ln_eps)
         self.attn = Attention(c)
         self.norm2 = nn.LayerNorm(c.width, eps=c.ln_eps)
