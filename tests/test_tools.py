@@ -95,6 +95,8 @@ def test_bench_rounds_pool_the_steps_and_pair_each_round(tmp_path):
     (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),
     (["--crop", "2", "--patch-size", "6", "--modes", "flax-fp32,timm-eager-fp32"],
      "timm-* modes need --crop 0"),
+    (["--device", "cpu", "--modes", "flax-bf16", "--flax-attention", "cudnn"],
+     "--flax-attention cudnn needs a GPU"),
 ])
 def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), *args,
@@ -102,6 +104,18 @@ def test_bench_refuses_bad_options_before_any_work(args, words, tmp_path):
                           env=env(), timeout=120)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_without_a_gpu_refuses_cudnn_attention_in_one_line(tmp_path):
+    # found out in the measuring process, which JAX tells there is no GPU: its one line comes back
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "bench.py"), "--preset", "tiny",
+                           "--modes", "flax-bf16", "--flax-attention", "cudnn", "--steps", "1",
+                           "--patchify-batches", "", "--out", str(tmp_path / "bench")],
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: --flax-attention cudnn needs a GPU; JAX runs on cpu here"
+    assert not (tmp_path / "bench" / "bench.json").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")

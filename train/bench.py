@@ -329,6 +329,8 @@ def worker(args) -> list[dict]:
         return [{**r, **env} for r in rows]
     mode = args.worker
     bf16 = mode.endswith("bf16")
+    if mode.startswith("flax") and args.flax_attention == "cudnn" and env["backend"] != "gpu":
+        raise UsageError(f"--flax-attention cudnn needs a GPU; JAX runs on {env['backend']} here")
     devices = args.cpu_devices if mode.startswith("flax") and env["backend"] == "cpu" else 1
     if mode.startswith("flax"):
         train, infer = bench_flax(config, args.batch_size, bf16, args.warmup, args.steps,
@@ -445,11 +447,18 @@ def main(argv: list[str] | None = None) -> int:
                    "--warmup >= 0, and the batch must split evenly over the CPU devices",
               file=sys.stderr)
         return 2
+    if args.device == "cpu" and args.flax_attention == "cudnn" and any(m.startswith("flax") for m in modes):
+        print("error: --flax-attention cudnn needs a GPU, and --device cpu forbids one", file=sys.stderr)
+        return 2
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.worker:
-        print(json.dumps(worker(args)))
+        try:
+            print(json.dumps(worker(args)))
+        except UsageError as e:  # the parent passes this one line on
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if not modes and not args.patchify_batches:
         print("error: nothing to time: give --modes or --patchify-batches", file=sys.stderr)
@@ -467,15 +476,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timing {job}" + (f", round {n + 1} of {args.rounds}" if args.rounds > 1 else "")
                   + " ...", file=sys.stderr, flush=True)
             got = run_worker(job, argv)
-            if got is None:
-                return 1
+            if not isinstance(got, list):
+                return got
             rounds[-1] += got
     rows = pool_rounds(rounds) if args.rounds > 1 and modes else rounds[0]
     for job in [f"patchify-{fw}" for fw in ("flax", "torch")] if args.patchify_batches else []:
         print(f"timing {job} ...", file=sys.stderr, flush=True)
         got = run_worker(job, argv)
-        if got is None:
-            return 1
+        if not isinstance(got, list):
+            return got
         rows += got
     env = {k: rows[0][k] for k in ENV_KEYS} if rows else {}
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
@@ -486,14 +495,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_worker(job: str, argv: list[str] | None) -> list[dict] | None:
+def run_worker(job: str, argv: list[str] | None) -> list[dict] | int:
     """One measurement in its own process: JAX's and PyTorch's CPU thread pools in one process
-    slow each other down (seen here: PyTorch 50x slower after JAX had run). None if it failed."""
+    slow each other down (seen here: PyTorch 50x slower after JAX had run). If it failed, the
+    exit status: 2 with the worker's one line for bad input, 1 with its last words otherwise."""
     cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", job]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    last = proc.stderr.strip().splitlines()[-1:]
+    if proc.returncode == 2 and last and last[0].startswith("error: "):
+        print(last[0], file=sys.stderr)
+        return 2
     if proc.returncode != 0:
         print(f"error: {job} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
+        return 1
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

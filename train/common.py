@@ -661,9 +661,10 @@ def check_batch_splits(batch_size: int, parts: int, what: str) -> None:
 
 def diverged(out: Path, epoch: int) -> int:
     """Say that the loss of epoch `epoch` (0-based) went non-finite; -> exit status 3."""
-    kept = f"epoch {epoch} checkpoint" if epoch > 0 else "no checkpoint (first epoch)"
-    print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. "
-          f"{out} keeps the {kept}; try a lower --lr", file=sys.stderr)
+    kept = (f"{out} keeps the epoch {epoch} checkpoint" if epoch > 0
+            else "there is no checkpoint yet (first epoch)")
+    print(f"error: the loss became non-finite in epoch {epoch + 1}; stopping. {kept}; "
+          "try a lower --lr", file=sys.stderr)
     return 3
 
 
