@@ -206,7 +206,7 @@ def _sorted_metadata(blob: bytes) -> bytes:
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) > n:  # the same keys and values, compact: never longer than the library's
         raise WeightsError(f"could not rewrite the safetensors header ({len(text)} > {n} bytes)")
     return blob[:8] + text.ljust(n) + blob[8 + n:]
