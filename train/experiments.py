@@ -594,6 +594,9 @@ PLANS: dict[str, dict] = {
     # recipe: 4.4 against 6.4 min a run alone, level within the seeds' scatter). Does the long
     # recipe still reach 99.5% with TTA, and so reach it sooner on this CPU (11 min 10 s now)?
     # Seeds 0-2, paired with cpu-crop's (final 99.43%, 99.36%, 99.29%; TTA 99.52%, 99.50%, 99.50%).
+    # Result (2026-12-06, docs/results/cpu-crop-p8.json, row 48): final 99.34% +- 0.13 (-4/+5/-3
+    # images), with TTA 99.45% +- 0.04 (-5/-1/-1): no seed at 99.5%; and the step only 1.2-1.3x
+    # cheaper in the trainer (seed 2 mostly alone: 10 min 30 s against 11 min 43 s). Not adopted.
     "cpu-crop-p8": each_with_tta([G("e44-elastic17-clean4-crop2-p8",
                                     [*E44_CLEAN4, "--crop", "2", "--patch-size", "8"], s)
                                   for s in (0, 1, 2)]),
