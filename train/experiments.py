@@ -543,6 +543,10 @@ PLANS: dict[str, dict] = {
     # side: its two seeds so far (0, 1) ended level with the recipe or ahead and behind RoPE on the
     # table; two more before it is called either. Paired with the recipe's seeds 2 and 3 (final
     # 99.29%, 99.36%; TTA 99.50%, 99.52%) and RoPE on the table's (99.36%, 99.21%; 99.36%, 99.48%).
+    # Result (2026-12-07, docs/results/cpu-crop-noposemb-s23.json, row 49): 99.43%, 99.38% final
+    # (+6/+1 images against the recipe, +3/+7 against RoPE on the table), with TTA 99.48%, 99.50%
+    # (-1/-1; +5/+1). Over four seeds: level with the recipe with TTA, and level with RoPE on the
+    # table; "behind RoPE on the table" (seeds 0, 1) was seed noise.
     "cpu-crop-noposemb-s23": each_with_tta([
         G("e44-elastic17-clean4-crop2-p6-noposemb-rope",
           [*CROP_RECIPE, "--posemb", "none", "--rope", "true"], s) for s in (2, 3)]),
