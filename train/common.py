@@ -279,12 +279,12 @@ def check_recipe(r: Recipe) -> None:
              f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
     need(r.epochs >= 1, f"--epochs must be at least 1, got {r.epochs}")
     need(r.batch_size >= 1, f"--batch-size must be at least 1, got {r.batch_size}")
-    need(r.lr > 0 and math.isfinite(r.lr), f"--lr must be a positive number, got {r.lr}")
+    need(r.lr > 0, f"--lr must be a positive number, got {r.lr}")
     need(r.weight_decay >= 0, f"--weight-decay must be >= 0, got {r.weight_decay}")
     need(r.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {r.warmup_epochs}")
     need(0 <= r.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {r.label_smoothing}")
     need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
-    need(r.sam >= 0 and math.isfinite(r.sam), f"--sam must be >= 0, got {r.sam}")
+    need(r.sam >= 0, f"--sam must be >= 0, got {r.sam}")
     need(0 <= r.distill <= 1, f"--distill must be in [0, 1], got {r.distill}")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
@@ -425,19 +425,17 @@ def start_run(out: Path, spec: Run, framework: str) -> None:
     """Write a new run's config.json into `out`, after removing what an older run left there."""
     import shutil
 
+    def remove(path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
     older = [name for name in RUN_FILES if (out / name).exists()]
     if older:
         print(f"{out}: replacing the older run there ({', '.join(older)})", file=sys.stderr)
-    for name in older:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-        else:
-            (out / name).unlink()
-    for tmp in out.glob(".*.tmp-*"):  # what an older run was writing when it was killed
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
+    for path in [out / name for name in older] + list(out.glob(".*.tmp-*")):  # .tmp-*: what an
+        remove(path)  # older run was writing when it was killed
     atomic_write_text(out / "config.json", spec.to_json(framework))
 
 
