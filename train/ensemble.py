@@ -195,6 +195,8 @@ def run(args) -> int:
                                for how in COMBINERS}
         report["ensemble_val_acc"] = report["combiners"][args.combine]
         report["val_images"] = int(len(val_idx))
+        report["split"] = {"val_fraction": val_fraction, "split_seed": split_seed,
+                           "limit_train": limit}  # which images the validation split holds
         report["errors"] = error_overlap(val_probs, labels[val_idx], val_idx, args.combine)
         print(f"ensemble of {len(members)}{' with TTA' if args.tta else ''} ({args.combine}): val acc "
               f"{report['ensemble_val_acc']:.4f} on {len(val_idx)} images; other rules: "
