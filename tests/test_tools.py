@@ -184,6 +184,7 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     probs = np.load(tmp_path / "ens" / "probs.npz")
     assert probs["val_probs"].shape == (2, 120, 10) and probs["test_probs"].shape == (2, 30, 10)
     assert (probs["val_rows"] == val_rows).all()
+    assert report["split"] == {"val_fraction": 0.2, "split_seed": 0, "limit_train": 600}
     assert list(probs["members"]) == [m["weights"] for m in report["members"]]
     assert np.allclose(probs["val_probs"].sum(-1), 1, atol=1e-5)
     for member, p in zip(report["members"], probs["val_probs"], strict=True):
@@ -226,10 +227,14 @@ def test_kaggle_preset_trains_and_ensemble_with_tta_scores_runs(tmp_path):
     assert (tmp_path / "hard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _report(path, val_images, members):
-    """An ensemble.json as train/ensemble.py writes it, reduced to what hard_digits reads."""
-    path.write_text(json.dumps({"val_images": val_images, "members": [{"weights": w} for w, _ in members],
-                                "errors": {"members": [sorted(e) for _, e in members]}}))
+def _report(path, val_images, members, split_seed=None):
+    """An ensemble.json as train/ensemble.py writes it, reduced to what hard_digits reads (and
+    without `split`, as before ensemble.py wrote it, unless a split seed is given)."""
+    report = {"val_images": val_images, "members": [{"weights": w} for w, _ in members],
+              "errors": {"members": [sorted(e) for _, e in members]}}
+    if split_seed is not None:
+        report["split"] = {"val_fraction": 0.1, "split_seed": split_seed, "limit_train": None}
+    path.write_text(json.dumps(report))
     return str(path)
 
 
@@ -239,14 +244,17 @@ def test_hard_digits_counts_each_model_once_on_one_split_and_measures_the_goals(
     (tmp_path / "b.json").write_text(json.dumps({"plan": "x", "ensembles": [json.loads(
         Path(_report(tmp_path / "c.json", 1000, [("m0", {1, 2, 3}), ("m2", {1, 7})])).read_text())]}))
     other = _report(tmp_path / "d.json", 500, [("m9", {1, 2})])  # another split: left out
-    proc = _run(str(ROOT / "train" / "hard_digits.py"), a, str(tmp_path / "b.json"), other,
-                "--goals", "0.998", "0.997", "--json", str(tmp_path / "s.json"))
+    # the same size, but other images: split seed 3 is left out; seed 0 named is the default split
+    other_seed = _report(tmp_path / "e.json", 1000, [("m7", {1, 2}), ("m8", {2, 9})], split_seed=3)
+    named = _report(tmp_path / "f.json", 1000, [("m2", {1, 7})], split_seed=0)  # m2 again: once
+    proc = _run(str(ROOT / "train" / "hard_digits.py"), a, str(tmp_path / "b.json"), other, other_seed,
+                named, "--goals", "0.998", "0.997", "--json", str(tmp_path / "s.json"))
     s = json.loads((tmp_path / "s.json").read_text())
-    assert (s["models"], s["models_on_other_splits"]) == (3, 1)
+    assert (s["models"], s["models_on_other_splits"]) == (3, 3)
     assert s["hard"] == [{"row": 1, "wrong_in": 3}, {"row": 2, "wrong_in": 2}]  # share 0.5 of 3
     assert s["wrong_in_every_model"] == [1] and (s["fewest_errors"], s["median_errors"]) == (2, 3)
     assert [(g["errors_allowed"], g["models_reaching_it"]) for g in s["goals"]] == [(2, 1), (3, 2)]
-    assert "3 models scored on a validation split of 1000 images (1 on other splits" in proc.stdout
+    assert "3 models scored on a validation split of 1000 images (3 on other splits" in proc.stdout
     assert "goal 99.80%: at most 2 errors, 1 of them taken" in proc.stdout
 
 

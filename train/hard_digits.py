@@ -8,8 +8,10 @@ the first image) each member got wrong, beside the member's weight file. This re
 of those reports, and the JSON files that hold them nested (docs/results/), and takes each
 model once (a weight file scored twice with the same errors counts once). Then it prints:
 
-- how many models were scored, by validation split size (only the most common size is used:
-  rows of different splits are different images);
+- how many models were scored, by validation split (only the most common split is used: rows
+  of different splits are different images). A split is its size and the report's `split`
+  (--val-fraction, --split-seed, --limit-train); a report from before ensemble.py wrote `split`
+  counts as --split-seed 0, as every such report in docs/results/ was;
 - the rows most of those models got wrong, with how many got each wrong (and its label, with
   --data);
 - for each accuracy goal, how many errors the goal allows on the split, how many of those the
@@ -44,6 +46,17 @@ class Scored:
     weights: str
     wrong: frozenset[int]
     val_images: int
+    split: tuple = ()  # (val_fraction, split_seed, limit_train), () for split seed 0 unnamed
+
+
+def split_key(report: dict) -> tuple:
+    """Which validation split a report scored on, beyond its size (see the module's docstring)."""
+    split = report.get("split")
+    if not isinstance(split, dict):
+        return ()
+    key = (split.get("val_fraction"), split.get("split_seed"), split.get("limit_train"))
+    default = common.Recipe()
+    return () if key == (default.val_fraction, default.split_seed, None) else key
 
 
 def scored_models(report) -> list[Scored]:
@@ -55,7 +68,8 @@ def scored_models(report) -> list[Scored]:
                 and len(errors.get("members", [])) == len(members):
             for member, wrong in zip(members, errors["members"], strict=True):
                 weights = member["weights"] if isinstance(member, dict) else str(member)
-                found.append(Scored(weights, frozenset(wrong), int(report["val_images"])))
+                found.append(Scored(weights, frozenset(wrong), int(report["val_images"]),
+                                    split_key(report)))
         children = report.values()
     elif isinstance(report, list):
         children = report
@@ -85,9 +99,9 @@ def read_reports(paths: list[Path]) -> list[Scored]:
 
 
 def one_split(models: list[Scored]) -> tuple[int, list[Scored]]:
-    """The most common validation split size and the models scored on it."""
-    size = Counter(m.val_images for m in models).most_common(1)[0][0]
-    return size, [m for m in models if m.val_images == size]
+    """The most common validation split's size and the models scored on it."""
+    size, split = Counter((m.val_images, m.split) for m in models).most_common(1)[0][0]
+    return size, [m for m in models if (m.val_images, m.split) == (size, split)]
 
 
 def allowed_errors(goal: float, val_images: int) -> int:
