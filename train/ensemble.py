@@ -22,7 +22,8 @@ choosing a rule by those scores is choosing on the validation split.
 
 ensemble.json also says where the errors are: the validation images (train.csv rows) each
 member gets wrong, those every member gets wrong (what picking the right member for each
-image could not fix) and those at least one does.
+image could not fix) and those at least one does, and which split those rows came from
+(`split`: its --val-fraction, --split-seed and --limit-train), for train/hard_digits.py.
 """
 
 from __future__ import annotations
