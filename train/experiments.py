@@ -621,6 +621,12 @@ PLANS: dict[str, dict] = {
         R(f"e44-elastic17-clean4-crop2-p6-split{k}-s0",
           [*CROP_RECIPE, "--split-seed", str(k), "--seed", "0", "--tta", "--no-plots"],
           "e44-elastic17-clean4-crop2-p6-splits") for k in range(1, 7)]),
+    # Is a split's score its own, or the seed's? Seed 1 on the best split of cpu-crop-splits
+    # (split 2: 99.64% with TTA) and the worst (split 1: 99.43%), side by side.
+    "cpu-crop-splits-s1": each_with_tta([
+        R(f"e44-elastic17-clean4-crop2-p6-split{k}-s1",
+          [*CROP_RECIPE, "--split-seed", str(k), "--seed", "1", "--tta", "--no-plots"],
+          f"e44-elastic17-clean4-crop2-p6-split{k}") for k in (2, 1)]),
     # GPU, part G (run 2026-11-28 through PART=h: no gain on the H100):
     # the `kaggle` recipe with half-strength elastic distortion, which
     # gave +0.11% final (paired seeds: +0.16, +0.26, -0.12) and +0.10% with TTA on the CPU (plan
