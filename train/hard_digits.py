@@ -46,7 +46,7 @@ class Scored:
     weights: str
     wrong: frozenset[int]
     val_images: int
-    split: tuple = ()  # (val_fraction, split_seed, limit_train), () for split seed 0 unnamed
+    split: tuple = ()  # (val_fraction, split_seed, limit_train); () for the default split
 
 
 def split_key(report: dict) -> tuple:
