@@ -1,5 +1,7 @@
 """Each twin on its own: shapes, finiteness, gradients reach every parameter, jit, patchify."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,39 @@ def test_fresh_inits_have_the_canonical_names_and_shapes_in_both_frameworks():
     for c in CONFIGS.values():
         W.check(W.flax_to_canonical(jm.init_params(c, 0)), c)
         W.check(W.torch_to_canonical(tm.ViT(c).state_dict()), c)
+
+
+def test_fresh_inits_draw_each_tensor_from_the_same_law_in_both_frameworks():
+    """The parity suite runs the twins on one set of weights; a training run starts from its
+    own framework's draw. So each tensor's law must be the same in both: the constants equal
+    (zeros, ones, LSA's 1/sqrt(head dim)), and each random tensor of the same sd, mean and shape
+    (xavier-uniform kernels, the MLP's tiny normal biases, the normal position table). Draws
+    are pooled over 4 seeds and over the blocks, whose tensors share their laws."""
+    c = preset("cpu", spt=True, lsa=True)  # every kind of tensor the twins have
+    draws = {"flax": {}, "torch": {}}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        for framework, tensors in (("flax", W.flax_to_canonical(jm.init_params(c, seed))),
+                                   ("torch", W.torch_to_canonical(tm.ViT(c).state_dict()))):
+            for name, t in tensors.items():
+                kind = re.sub(r"^blocks\.\d+\.", "blocks.N.", name)
+                draws[framework].setdefault(kind, []).append(np.asarray(t, np.float64).ravel())
+    random = set()
+    for kind in draws["flax"]:
+        f, t = np.concatenate(draws["flax"][kind]), np.concatenate(draws["torch"][kind])
+        if f.std() == 0 or t.std() == 0:
+            np.testing.assert_array_equal(f, t, err_msg=f"{kind}: not the same constant")
+            continue
+        random.add(kind)
+        se = 1 / np.sqrt(f.size)  # about the standard error of the ratio of two sample sds
+        assert abs(f.std() / t.std() - 1) < 4.5 * se, f"{kind}: sd {f.std():.4g} against {t.std():.4g}"
+        assert abs(f.mean() - t.mean()) < 4.5 * se * f.std(), f"{kind}: another mean"
+        # the shape of the law: a uniform has 58% of its draws within one sd, a normal 68%
+        within = [np.mean(np.abs(a - a.mean()) < a.std()) for a in (f, t)]
+        assert abs(within[0] - within[1]) < 2.5 * se, f"{kind}: another law"
+    assert random == {"patch_embed.kernel", "pos_embed", "blocks.N.attn.qkv.kernel",
+                      "blocks.N.attn.proj.kernel", "blocks.N.mlp.fc1.kernel",
+                      "blocks.N.mlp.fc2.kernel", "blocks.N.mlp.fc1.bias", "blocks.N.mlp.fc2.bias"}
 
 
 @pytest.mark.parametrize("name", ["tiny-cls-learned", "p4-cls-lsa-spt-c3"])
@@ -270,7 +305,7 @@ def test_without_a_position_table_the_twins_see_a_bag_of_patches_until_rope_tell
         torch_model = tm.ViT(c).eval()
         torch_model.load_state_dict(W.canonical_to_torch(canonical, c))
         x = _x(c)
-        moved = np.asarray(jm.unpatchify(jm.patchify(jnp.asarray(x), 4)[:, shuffled], 4, 12, 16))
+        moved = np.array(jm.unpatchify(jm.patchify(jnp.asarray(x), 4)[:, shuffled], 4, 12, 16))  # writable
         for images in (x, moved):
             with torch.no_grad():
                 t = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()

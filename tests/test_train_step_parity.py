@@ -174,7 +174,7 @@ def test_the_warp_by_whole_pixels_is_an_exact_shift_with_black_edges():
     ones, zeros = jnp.ones(3), jnp.zeros(3)
     np.testing.assert_array_equal(jt.warp(x, zeros, ones, zeros, jnp.zeros((3, 2))), x)
     # the PyTorch twin's identity keeps the edge pixels too (its grid's rounding forgiven)
-    xt, z = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), torch.zeros(3)
+    xt, z = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2), torch.zeros(3)
     np.testing.assert_allclose(tt.warp(xt, z, torch.ones(3), z, torch.zeros(3, 2)), xt, atol=1e-5)
     for dy, dx in ((2, 0), (0, -3), (-1, 27), (5, 4)):
         got = jt.warp(x, zeros, ones, zeros, jnp.tile(jnp.array([dy, dx], jnp.float32), (3, 1)))
@@ -203,6 +203,43 @@ def test_the_elastic_field_and_its_warp_are_the_same_in_both_trainers():
     const = jnp.tile(jnp.array([2.0, -3.0]), (8, 28, 20, 1))
     got = jt.warp(jnp.asarray(x), *map(jnp.asarray, args[:4]), flow=const)
     np.testing.assert_allclose(got, jt.shift_images(jnp.asarray(x), -2, 3), atol=1e-6)
+
+
+def _moved_blob(recipe, n=4096):
+    """Where each trainer's augmentation moves one small blob, 6 pixels right of the centre of a
+    28x28 image, in n draws: (n, 2) centroids (row, col), Flax's then PyTorch's."""
+    r, c = np.mgrid[:28, :28]
+    x = np.broadcast_to(np.exp(-((r - 13.5) ** 2 + (c - 19.5) ** 2) / 2.0), (n, 28, 28)).astype(np.float32)
+    flax_out = np.asarray(jt.augment(jnp.asarray(x[..., None]), jax.random.PRNGKey(0), recipe))[..., 0]
+    torch.manual_seed(0)
+    torch_out = tt.augment(torch.from_numpy(x[:, None]), recipe)[:, 0].numpy()
+    return [np.stack([(a * r).sum((1, 2)), (a * c).sum((1, 2))], 1) / a.sum((1, 2))[:, None]
+            for a in (flax_out, torch_out)]
+
+
+@pytest.mark.parametrize("option", ["translate", "rotate", "scale", "shear", "elastic"])
+def test_both_trainers_draw_their_augmentations_from_the_same_laws(option):
+    """The tests above give both warps the same numbers; in training each trainer draws its own.
+    So the laws must be the same: one warp at a time, the quantiles of what it does to a blob
+    agree between the twins and, where the law is plain, with the recipe's law (uniform within
+    its bound; the blob 6 pixels from the centre moves by 6 tan(shear) across)."""
+    bound = {"translate": 3.0, "rotate": 15.0, "scale": 0.15, "shear": 10.0, "elastic": 17.0}[option]
+    recipe = dataclasses.replace(Recipe(rotate=0, translate=0, scale=0), **{option: bound})
+    q = np.linspace(0.05, 0.95, 10)
+    u = -1 + 2 * q  # the same quantiles of a uniform law on [-1, 1]
+    measure, law = {  # what the warp moves, and its quantiles by the law (None: no plain law)
+        "translate": (lambda p: p - (13.5, 19.5), np.stack([bound * u] * 2, 1)),
+        "rotate": (lambda p: np.degrees(np.arctan2(p[:, :1] - 13.5, p[:, 1:] - 13.5)), bound * u[:, None]),
+        "scale": (lambda p: np.hypot(p[:, :1] - 13.5, p[:, 1:] - 13.5) / 6, 1 + bound * u[:, None]),
+        "shear": (lambda p: p[:, :1] - 13.5, 6 * np.tan(np.radians(bound * u))[:, None]),
+        "elastic": (lambda p: p - (13.5, 19.5), None),
+    }[option]
+    flax_q, torch_q = (np.quantile(measure(p), q, axis=0) for p in _moved_blob(recipe))
+    tol = 0.04 * (flax_q[-1] - flax_q[0]).min()  # 4% of the middle 90%'s width
+    assert tol > 0.01  # the warp moved the blob
+    np.testing.assert_allclose(flax_q, torch_q, atol=tol, err_msg=f"--{option}: the twins' laws differ")
+    if law is not None:
+        np.testing.assert_allclose(flax_q, law, atol=tol, err_msg=f"--{option}: not the recipe's law")
 
 
 def test_random_erasing_is_the_same_in_both_trainers_and_blacks_out_its_box():
