@@ -117,6 +117,24 @@ def test_fresh_inits_draw_each_tensor_from_the_same_law_in_both_frameworks():
                       "blocks.N.mlp.fc2.kernel", "blocks.N.mlp.fc1.bias", "blocks.N.mlp.fc2.bias"}
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_the_twins_drop_paths_by_the_same_law(rate):
+    """Stochastic depth in training: each sample's whole branch is dropped with probability
+    `rate` and the kept ones scaled by 1 / (1 - rate), in both twins (4,096 samples)."""
+    x = np.ones((4096, 3, 8), np.float32)
+    flax_out = np.asarray(jm.DropPath(rate).apply({}, jnp.asarray(x), train=True,
+                                                  rngs={"dropout": jax.random.PRNGKey(0)}))
+    torch.manual_seed(0)
+    torch_out = tm.DropPath(rate).train()(torch.from_numpy(x)).numpy()
+    for out in (flax_out, torch_out):
+        kept = out[:, :1, :1].ravel() > 0
+        np.testing.assert_allclose(out, np.where(kept, 1 / (1 - rate), 0)[:, None, None] * x, rtol=1e-6)
+        se = np.sqrt(rate * (1 - rate) / len(kept))
+        assert abs((~kept).mean() - rate) < 4 * se
+    assert np.array_equal(np.asarray(jm.DropPath(rate).apply({}, jnp.asarray(x), train=False)), x)
+    assert torch.equal(tm.DropPath(rate).eval()(torch.from_numpy(x)), torch.from_numpy(x))
+
+
 @pytest.mark.parametrize("name", ["tiny-cls-learned", "p4-cls-lsa-spt-c3"])
 def test_flax_init_without_the_forward_pass_gives_init_s_values_to_the_bit(name):
     # init_params runs the initializers only (lazy_init); a seed's weights stay what they were
