@@ -263,7 +263,8 @@ def test_both_trainers_draw_mixup_and_cutmix_from_the_same_laws(recipe):
 
     def measures(blend, boxes):  # the blend, the box's area and centre (0 with no box)
         top, left, height, width = boxes.T
-        return blend, height * width / (28 * 20), (top + height / 2) * (height > 0), (left + width / 2) * (height > 0)
+        boxed = height > 0
+        return blend, height * width / (28 * 20), (top + height / 2) * boxed, (left + width / 2) * boxed
 
     mf, mt = measures(blend_f, boxes_f), measures(blend_t, boxes_t)
     assert max(np.std(mf[0]), np.std(mf[1])) > 0.1  # something is mixed
