@@ -1,4 +1,5 @@
-"""Each twin on its own: shapes, finiteness, gradients reach every parameter, jit, patchify."""
+"""Each twin on its own (shapes, finiteness, gradients reach every parameter, jit, patchify), and
+the laws their fresh draws come from (init, stochastic depth)."""
 
 import re
 

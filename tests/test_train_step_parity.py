@@ -218,7 +218,7 @@ def _moved_blob(recipe, n=4096):
 
 
 @pytest.mark.parametrize("option", ["translate", "rotate", "scale", "shear", "elastic"])
-def test_both_trainers_draw_their_augmentations_from_the_same_laws(option):
+def test_both_trainers_draw_their_warps_from_the_same_laws(option):
     """The tests above give both warps the same numbers; in training each trainer draws its own.
     So the laws must be the same: one warp at a time, the quantiles of what it does to a blob
     agree between the twins and, where the law is plain, with the recipe's law (uniform within
