@@ -62,6 +62,14 @@ def env() -> dict[str, str]:
     return e
 
 
+def run_tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` (one of the repository's commands) to its end; it must succeed."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(),
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 600,
             check: bool = True, plots: bool = False) -> subprocess.CompletedProcess:
     """Run a trainer to its end; pictures only when a test asks for them (they take seconds)."""

@@ -314,7 +314,7 @@ def test_a_second_flax_launch_reuses_the_compiled_step_and_trains_the_same(comp,
     assert hit in warm_log
     assert [r["train_loss"] for r in warm] != [r["train_loss"] for r in cold]
     # With the cache off nothing is read (though it holds this program) or written, and the
-    # first seed trains as it did with the cache. (tests/test_tools.py's startup test checks a
+    # first seed trains as it did with the cache. (tests/test_speed_tools.py's startup test checks a
     # launch that reads its step from the cache against one that compiles it.)
     before = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
     monkeypatch.setenv("VIT_CACHE_DIR", "off")
