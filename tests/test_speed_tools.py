@@ -235,6 +235,20 @@ def test_profile_refuses_a_bad_config_override_before_any_work(tmp_path):
     assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    ([], "the following arguments are required: --data"),
+    (["--data", "no-such.zip"], "--data no-such.zip: no such file or folder"),
+    (["--data", ".", "--frameworks", "flax,jax"], "unknown framework(s) ['jax']"),
+    (["--data", ".", "--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_startup_refuses_bad_input_in_one_line_before_any_launch(args, words, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "startup.py"), *args,
+                           "--out", str(tmp_path / "su")], capture_output=True, text=True,
+                          env=env(), timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "su").exists()
+
+
 def test_startup_measures_launches_with_the_caches_off_cold_and_warm(tmp_path):
     comp = write_competition(tmp_path / "comp", 400, 30, as_zip=True)
     proc = run_tool(str(ROOT / "train" / "startup.py"), "--data", str(comp), "--frameworks", "flax",

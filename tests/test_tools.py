@@ -300,6 +300,20 @@ def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     assert "pseudo-labels: 10 test images" in (tmp_path / "exp" / "tiny-pseudo.log").read_text()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--plan", "no-such-plan"], "unknown plan 'no-such-plan', not one of the"),
+    (["--plan", "smoke", "--jobs", "0"], "--jobs must be >= 1"),
+    (["--plan", "smoke", "--deadline", "-5"], "--deadline >= 0"),
+    (["--plan", "smoke", "--data", "no-such.zip"], "--data no-such.zip: no such file or folder"),
+])
+def test_experiment_runner_refuses_bad_input_in_one_line_before_any_run(args, words, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "experiments.py"), *args,
+                           "--out", str(tmp_path / "exp")], capture_output=True, text=True,
+                          env=env(), timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "exp").exists()
+
+
 def test_experiment_runner_stops_runs_at_the_deadline_and_keeps_what_they_did(tmp_path):
     comp = write_competition(tmp_path / "comp", 500, 10, as_zip=True)
     run_tool(str(ROOT / "train" / "experiments.py"), "--plan", "smoke", "--data", str(comp),

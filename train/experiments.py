@@ -14,7 +14,6 @@ after every run, so a plan cut short still leaves what it measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,6 +21,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.common import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUG = ["--rotate", "0", "--translate", "0", "--scale", "0"]
@@ -743,8 +747,8 @@ def summarize_run(run: dict, out: Path, wall: float, returncode: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", required=True, choices=sorted(PLANS))
+    p = OneLineParser(prog="python train/experiments.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", required=True, help="one of: " + ", ".join(sorted(PLANS)))
     p.add_argument("--data", default=None)
     p.add_argument("--out", default="experiments")
     p.add_argument("--only", default=None, help="comma-separated run names to keep")
@@ -756,8 +760,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds: stop runs still going after this long (their epochs so far "
                         "are kept, marked killed), then do the ensembles")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
+    if args.plan not in PLANS:
+        p.error(f"unknown plan {args.plan!r}, not one of the {len(PLANS)} plans")
+    if args.jobs < 1 or (args.deadline is not None and args.deadline < 0):
+        p.error("--jobs must be >= 1 and --deadline >= 0")
+    if args.data and not Path(args.data).exists():
+        p.error(f"--data {args.data}: no such file or folder")
     plan = PLANS[args.plan]
     keep = set(args.only.split(",")) if args.only else None
     out = Path(args.out)

@@ -12,7 +12,6 @@ its training loss, which must not depend on the cache. Writes startup.json, prin
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,6 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.common import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,13 +47,18 @@ def launch(framework: str, cache: str, data: str, out: Path, extra: list[str]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python train/startup.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="the competition zip or folder")
     p.add_argument("--frameworks", default="flax,torch")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="startup")
     p.add_argument("--extra", default="", help="more trainer options (e.g. --preset kaggle)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.frameworks.split(",")) - {"flax", "torch"})
+    if unknown or args.rounds < 1:
+        p.error(f"unknown framework(s) {unknown} (flax, torch)" if unknown else "--rounds must be >= 1")
+    if not Path(args.data).exists():
+        p.error(f"--data {args.data}: no such file or folder")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
