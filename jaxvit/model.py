@@ -260,7 +260,7 @@ class Block(nn.Module):
     config: ViTConfig
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
-    attention: str | None = None  # Attention.implementation
+    attention_impl: str | None = None  # Attention.implementation
 
     def setup(self) -> None:
         c = self.config
@@ -268,7 +268,7 @@ class Block(nn.Module):
         # (Flax's default), torch's two-pass; on trained weights the twins' logits agree as
         # closely either way (README, "The parity suite").
         self.norm1 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
-        self.attn = Attention(c, dtype=self.dtype, implementation=self.attention)
+        self.attn = Attention(c, dtype=self.dtype, implementation=self.attention_impl)
         self.norm2 = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         self.mlp = Mlp(c, dtype=self.dtype)
         self.drop_path = DropPath(self.drop_path_rate)
@@ -289,7 +289,7 @@ class ViT(nn.Module):
 
     config: ViTConfig
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
-    attention: str | None = None  # the attention kernel (Attention.implementation)
+    attention_impl: str | None = None  # the attention kernel (Attention.implementation)
 
     def setup(self) -> None:
         c = self.config
@@ -304,7 +304,7 @@ class ViT(nn.Module):
                                         (1, c.num_tokens, c.width))
         self.pos_drop = nn.Dropout(c.dropout)
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
-        self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype, attention=self.attention)
+        self.blocks = [Block(c, drop_path_rate=r, dtype=self.dtype, attention_impl=self.attention_impl)
                        for r in rates]
         self.norm = nn.LayerNorm(epsilon=c.ln_eps, dtype=jnp.float32)
         # Every linear layer computes in the compute dtype, the head included, as under autocast.

@@ -162,10 +162,10 @@ def test_flax_attention_kernel_choice_keeps_the_function_and_the_parameters():
     params = W.canonical_to_flax(W.random_canonical(c, 0), c)
     x = jnp.asarray(_x(c))
     def logits(attention):
-        return jax.jit(lambda p, x: jm.ViT(c, attention=attention).apply({"params": p}, x))(params, x)
+        return jax.jit(lambda p, x: jm.ViT(c, attention_impl=attention).apply({"params": p}, x))(params, x)
 
     np.testing.assert_allclose(logits(None), logits("xla"), atol=1e-6)
-    fresh = jax.eval_shape(jm.ViT(c, attention="xla").init, jax.random.PRNGKey(0), x)["params"]
+    fresh = jax.eval_shape(jm.ViT(c, attention_impl="xla").init, jax.random.PRNGKey(0), x)["params"]
     assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
     with pytest.raises(ValueError, match="no-such-kernel"):  # the choice reaches JAX
         logits("no-such-kernel")

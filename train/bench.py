@@ -95,7 +95,7 @@ def flax_steps(config: ViTConfig, batch: int, bf16: bool, seed: int = 0, devices
     from train.common import Recipe
 
     dtype = jnp.bfloat16 if bf16 else jnp.float32
-    model = ViT(config, dtype=dtype, attention=attention)
+    model = ViT(config, dtype=dtype, attention_impl=attention)
     tx = jt.make_optimizer(Recipe(epochs=10), steps_per_epoch=1000)
     state = jt.create_state(config, Recipe(), tx, seed)
     mesh = jt.data_mesh(jax.devices()[:devices]) if devices > 1 else None
