@@ -70,6 +70,14 @@ def run_tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_refused(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` expecting a refusal: exit status 2 and one line on stderr."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(),
+                          timeout=120, cwd=cwd)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
+    return proc
+
+
 def trainer(framework: str, *args: str, cwd: Path | None = None, timeout: int = 600,
             check: bool = True, plots: bool = False) -> subprocess.CompletedProcess:
     """Run a trainer to its end; pictures only when a test asks for them (they take seconds)."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from parity.config import preset
-from tests.helpers import ROOT, env, run_tool, write_competition
+from tests.helpers import ROOT, env, run_refused, run_tool, write_competition
 from train.bench import flops_per_image, markdown, pool_rounds
 
 
@@ -242,11 +242,9 @@ def test_profile_refuses_a_bad_config_override_before_any_work(tmp_path):
     (["--data", ".", "--rounds", "0"], "--rounds must be >= 1"),
 ])
 def test_startup_refuses_bad_input_in_one_line_before_any_launch(args, words, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "startup.py"), *args,
-                           "--out", str(tmp_path / "su")], capture_output=True, text=True,
-                          env=env(), timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
-    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "su").exists()
+    proc = run_refused(str(ROOT / "train" / "startup.py"), *args, "--out", str(tmp_path / "su"),
+                       cwd=tmp_path)
+    assert words in proc.stderr and not (tmp_path / "su").exists()
 
 
 def test_startup_measures_launches_with_the_caches_off_cold_and_warm(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import ROOT, env, run_tool, trainer, write_competition
+from tests.helpers import ROOT, env, run_refused, run_tool, trainer, write_competition
 from train import data
 from train.ensemble import combine
 from train.tta_study import SETS, VIEWS
@@ -307,11 +307,9 @@ def test_experiment_runner_collects_groups_and_ensembles(tmp_path):
     (["--plan", "smoke", "--data", "no-such.zip"], "--data no-such.zip: no such file or folder"),
 ])
 def test_experiment_runner_refuses_bad_input_in_one_line_before_any_run(args, words, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "experiments.py"), *args,
-                           "--out", str(tmp_path / "exp")], capture_output=True, text=True,
-                          env=env(), timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
-    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "exp").exists()
+    proc = run_refused(str(ROOT / "train" / "experiments.py"), *args, "--out", str(tmp_path / "exp"),
+                       cwd=tmp_path)
+    assert words in proc.stderr and not (tmp_path / "exp").exists()
 
 
 def test_experiment_runner_stops_runs_at_the_deadline_and_keeps_what_they_did(tmp_path):
