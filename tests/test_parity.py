@@ -94,3 +94,33 @@ def test_suite_notices_a_weight_that_differs_by_1e_3():
     t_out, _, _ = twins.run_torch(x, y, suite.ADAMW, step_grads=j_grads)
     assert np.abs(j_out["blocks.0"] - t_out["blocks.0"]).max() <= suite.TOL_FORWARD
     assert np.abs(j_out["blocks.1"] - t_out["blocks.1"]).max() > suite.TOL_FORWARD
+
+
+def test_every_mutant_still_applies_to_the_source():
+    from parity.mutants import MUTANTS, stale
+
+    assert len({m.name for m in MUTANTS}) == len(MUTANTS)
+    for m in MUTANTS:  # its text stands once in its file, and the edit changes it
+        assert stale(m) is None, stale(m)
+        assert m.new != m.old
+
+
+def test_mutant_tool_reports_a_caught_mutant_and_one_the_config_cannot_see(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import env, run_refused
+
+    # GELU's approximation changes the function; the final norm after a class token's pooling
+    # does not (LayerNorm works token by token), so on a class-token config it must escape.
+    out = tmp_path / "mutants.json"
+    proc = subprocess.run([sys.executable, "-m", "parity.mutants", "--only",
+                           "gelu-tanh,norm-after-pooling", "--config", "p4-cls-learned-28x28-w48",
+                           "--out", str(out)], capture_output=True, text=True, env=env(), timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["mutant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["gelu-tanh"]["caught"] and "forward blocks.0" in rows["gelu-tanh"]["first_failure"]
+    assert not rows["norm-after-pooling"]["caught"]
+    assert "1 of 2 mutants caught (escaped: norm-after-pooling)" in proc.stdout
+    assert "unknown mutant(s) nope" in run_refused("-m", "parity.mutants", "--only", "nope").stderr
