@@ -83,7 +83,8 @@ def test_sigkill_during_the_second_checkpoint_write_resumes_from_the_first(comp,
                                              ("flax", signal.SIGTERM)])
 def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, stop, comp, tmp_path):
     out = tmp_path / "run"
-    proc = popen_trainer(framework, "--data", str(comp), "--epochs", "50", *FAST, "--out", str(out))
+    # 12 epochs: the signal lands within milliseconds of the first checkpoint, 11 epochs early
+    proc = popen_trainer(framework, "--data", str(comp), "--epochs", "12", *FAST, "--out", str(out))
     assert _wait_for(lambda: (out / "checkpoint.safetensors").exists(), proc)
     proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
@@ -92,9 +93,10 @@ def test_ctrl_c_exits_cleanly_and_says_how_to_resume(framework, stop, comp, tmp_
     assert not (out / "submission.csv").exists()
     if stop == signal.SIGTERM:
         return  # the resume below is the same after either signal
-    done = trainer(framework, "--resume", str(out), "--data", str(comp), "--epochs", "50",
+    done = trainer(framework, "--resume", str(out), "--data", str(comp), "--epochs", "12",
                    check=False)
     assert done.returncode == 0 and (out / "submission.csv").exists()
+    assert f"resuming {out} after epoch" in done.stderr  # not started again from scratch
 
 
 def test_ctrl_c_in_the_first_checkpoint_write_leaves_no_file_and_says_start_again(comp, tmp_path):
