@@ -123,6 +123,16 @@ MUTANTS = (
            "nn.init.xavier_uniform_(module.weight)", "nn.init.xavier_normal_(module.weight)",
            "PyTorch's kernels drawn xavier-normal, Flax's xavier-uniform (the same sd, another law)",
            "tests/test_models.py::test_fresh_inits_draw_each_tensor_from_the_same_law_in_both_frameworks"),
+    Mutant("translate-bound", "torchvit/train.py",
+           'shear, shift = uniform(bound=full("shear")), uniform(2, bound=full("translate"))',
+           'shear, shift = uniform(bound=full("shear")), uniform(2, bound=0.9 * full("translate"))',
+           "the PyTorch trainer's random shifts drawn within 90% of the recipe's bound",
+           "tests/test_train_step_parity.py::test_both_trainers_draw_their_warps_from_the_same_laws"),
+    Mutant("mixup-beta", "torchvit/train.py",
+           "return torch.distributions.Beta(a, a).sample((n,))",
+           "return torch.distributions.Beta(a, 1.3 * a).sample((n,))",
+           "the PyTorch trainer's mixup and CutMix drawn from Beta(a, 1.3a), not Beta(a, a)",
+           "tests/test_train_step_parity.py::test_both_trainers_draw_mixup_and_cutmix_from_the_same_laws"),
     Mutant("adam-eps", "torchvit/train.py",
            "lr=0.0, betas=(0.9, 0.999), eps=1e-8)", "lr=0.0, betas=(0.9, 0.999), eps=1e-6)",
            "the PyTorch trainer's AdamW with epsilon 1e-6 against optax's 1e-8",
@@ -185,8 +195,11 @@ def run_check(tree: Path, check: str, configs: str | None) -> tuple[bool, str]:
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode == 0:
         return True, ""
-    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith(("E  ", "FAILED"))]
-    return False, " ".join((failed[0] if failed else f"pytest exit {proc.returncode}").split())[:200]
+    lines = proc.stdout.splitlines()  # the failed test's id (-ra's summary) and its first E lines
+    node = next((ln.split()[1].split("::")[-1] for ln in lines if ln.startswith("FAILED ")),
+                f"pytest exit {proc.returncode}")
+    said = " ".join(ln[1:].strip() for ln in lines if ln.startswith("E ") and ln[1:].strip())
+    return False, " ".join(f"{node}: {said}".split())[:200]
 
 
 def main(argv: list[str] | None = None) -> int:
