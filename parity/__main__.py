@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+
+from parity.cli import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # float32 parity is defined on the CPU
     from parity.suite import CONFIGS, all_rows
-
-    class OneLineParser(argparse.ArgumentParser):  # a usage error in one line, as the trainers'
-        def error(self, message: str) -> None:  # type: ignore[override]
-            self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
     p = OneLineParser(prog="python -m parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, metavar="NAME[,NAME...]",

@@ -19,7 +19,6 @@ Prints a table (mutant, the bug, the check, caught or ESCAPED, the first failing
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from parity.cli import OneLineParser
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("parity", "jaxvit", "torchvit", "train", "tests", "pyproject.toml")
@@ -203,10 +204,6 @@ def run_check(tree: Path, check: str, configs: str | None) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    class OneLineParser(argparse.ArgumentParser):  # a usage error in one line, as the trainers'
-        def error(self, message: str) -> None:  # type: ignore[override]
-            self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
     p = OneLineParser(prog="python -m parity.mutants", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=None, metavar="NAME[,NAME...]",
                    help=f"run only these mutants: {', '.join(m.name for m in MUTANTS)}")

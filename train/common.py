@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from parity.cli import OneLineParser  # noqa: F401 (the trainers' and tools' parser)
 from parity.config import PRESETS, ConfigError, ViTConfig, preset
 
 
@@ -134,13 +135,6 @@ RECIPE_HELP = {
 # (--cpu-devices changes only the order of the gradient sums, so float rounding.)
 RESUMABLE_FREELY = {"data", "out", "resume", "tta", "submit_weights", "limit_test", "quiet",
                     "compile", "plots", "no_plots", "cpu_devices"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit status 2), not the usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
