@@ -255,6 +255,19 @@ def replicate(tree, mesh: Mesh | None):
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def apply_gradients(state: State, grads: Any, tx: optax.GradientTransformation, recipe,
+                    step: jax.Array) -> State:
+    """The part of a step after the gradients: `tx` clips them, schedules the learning rate and
+    takes the AdamW step; then the weight average follows. -> the new state (totals as they were)."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {**state, "params": params, "opt_state": opt_state}
+    if "ema" in state:
+        d = ema_decay_at(recipe.ema_decay, step)
+        new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+    return new
+
+
 def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_size: int,
                     steps_per_epoch: int, seed: int, mesh: Mesh | None = None,
                     teacher: tuple[ViT, Any] | None = None):
@@ -306,14 +319,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         if recipe.sam > 0:  # the same batch, dropout and stochastic depth, at the moved weights
             grads = sharpness_aware(lambda p: loss_fn(p)[0], state["params"], grads, recipe.sam)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        new = apply_gradients(state, grads, tx, recipe, step)
         correct = jnp.sum(jnp.argmax(logits, -1) == y)
-        new = {"params": params, "opt_state": opt_state,
-               "totals": state["totals"] + jnp.stack([loss * y.shape[0], correct, y.shape[0]])}
-        if "ema" in state:
-            d = ema_decay_at(recipe.ema_decay, step)
-            new["ema"] = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        new["totals"] = state["totals"] + jnp.stack([loss * y.shape[0], correct, y.shape[0]])
         return new
 
     if mesh is None:

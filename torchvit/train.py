@@ -311,6 +311,16 @@ class Trainer:
         if recipe.sam > 0:  # the same batch, dropout and stochastic depth, at the moved weights
             sharpness_aware(lambda: loss_fn()[0],
                             [p for p in self.model.parameters() if p.grad is not None], recipe.sam)
+        self.apply_gradients(step)
+        with torch.no_grad():
+            batch = torch.stack([loss.detach() * y.shape[0], (logits.argmax(-1) == y).sum().float(),
+                                 torch.tensor(float(y.shape[0]), device=y.device)])
+            self.totals = batch if self.totals is None else self.totals + batch
+
+    def apply_gradients(self, step: int) -> None:
+        """The part of a step after the gradients (in each p.grad): clip them, set the scheduled
+        learning rate, take the AdamW step; then the weight average follows."""
+        recipe = self.recipe
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)
         lr = lr_at(step, recipe.lr, self.warmup, self.total)
@@ -322,10 +332,6 @@ class Trainer:
             with torch.no_grad():
                 for n, p in self.model.named_parameters():
                     self.ema[n].lerp_(p, 1 - d)
-        with torch.no_grad():
-            batch = torch.stack([loss.detach() * y.shape[0], (logits.argmax(-1) == y).sum().float(),
-                                 torch.tensor(float(y.shape[0]), device=y.device)])
-            self.totals = batch if self.totals is None else self.totals + batch
 
     def eval_state(self) -> dict[str, Tensor]:
         """The weights to evaluate: the EMA if kept, else the live ones (state_dict names)."""
