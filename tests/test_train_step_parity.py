@@ -104,6 +104,48 @@ def test_ten_training_steps_agree_between_the_trainers(recipe):
     np.testing.assert_allclose(loss_f / count_f, loss_t / count_t, rtol=1e-4)
 
 
+def test_the_trainers_optimizers_agree_over_a_whole_schedule():
+    # Ten steps are too few to see every setting of the optimizer: Adam's beta2 = 0.99 against
+    # 0.999, say, moves the weights by less than 1e-4 in ten steps (python -m parity.mutants).
+    # So both trainers' update, everything after the gradients (clipping, warm-up and cosine
+    # schedule, AdamW with its decay mask, the weight average), runs a whole 300-step schedule
+    # on the same random gradients, whose size varies from step to step so that the second
+    # moment matters and the clipping acts on about half of the steps.
+    recipe = dataclasses.replace(PLAIN, epochs=10, lr=1e-3)
+    steps_per_epoch = 30
+    config = preset("tiny", patch_size=4)
+    canonical = W.random_canonical(config, 0, scale=0.05)
+    tx = jt.make_optimizer(recipe, steps_per_epoch)
+    params = jax.tree_util.tree_map(jnp.asarray, W.canonical_to_flax(canonical, config))
+    state = {"params": params, "opt_state": tx.init(params), "ema": params}
+    update = jax.jit(lambda state, grads, step: jt.apply_gradients(state, grads, tx, recipe, step))
+    model = TorchViT(config)
+    model.load_state_dict(W.canonical_to_torch(canonical, config))
+    trainer = tt.Trainer(model, recipe, steps_per_epoch, seed=0)
+    named = dict(model.named_parameters())
+    rng = np.random.default_rng(0)
+    size = sum(v.size for v in canonical.values())
+    clipped = 0
+    for step in range(recipe.epochs * steps_per_epoch):
+        scale = np.exp(rng.normal()) / np.sqrt(size)  # the gradient's norm: about exp(N(0, 1))
+        grads = {n: (rng.normal(size=v.shape) * scale).astype(np.float32) for n, v in canonical.items()}
+        clipped += np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values())) > 1.0
+        state = update(state, W.canonical_to_flax(grads, config), np.int32(step))
+        for n, g in W.canonical_to_torch(grads, config).items():
+            named[n].grad = g
+        trainer.apply_gradients(step)
+    assert 0.3 < clipped / (recipe.epochs * steps_per_epoch) < 0.7
+    flax_w = W.flax_to_canonical(jax.device_get(state["params"]))
+    torch_w = W.torch_to_canonical(model.state_dict())
+    flax_ema = W.flax_to_canonical(jax.device_get(state["ema"]))
+    torch_ema = W.torch_to_canonical(trainer.eval_state())
+    moved = max(np.abs(flax_w[n] - canonical[n]).max() for n in canonical)
+    assert moved > 0.02, "the schedule did not move the weights"
+    for name in canonical:
+        np.testing.assert_allclose(torch_w[name], flax_w[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(torch_ema[name], flax_ema[name], atol=1e-5, err_msg=name)
+
+
 def test_distilled_targets_mix_the_label_and_the_teachers_probabilities_in_both_trainers():
     twins = Twins(DISTILL)
     twins.step(0)  # batch 0 of the epoch's order, the images as they are
