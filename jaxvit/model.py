@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parity.config import ViTConfig
 
@@ -30,13 +31,19 @@ def crop(images: Array, pixels: int) -> Array:
     return images[:, pixels:-pixels, pixels:-pixels, :]
 
 
-def patchify(images: Array, patch_size: int) -> Array:
-    """(B, H, W, C) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
+def patchify(images: Array, patch_size: int, stride: int | None = None) -> Array:
+    """(B, H, W, C) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c); a
+    patch every `stride` pixels (patch_size: disjoint, the paper's; less: overlapping)."""
     b, h, w, c = images.shape
-    p = patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c)  # (B, h, p1, w, p2, C)
+    p, s = patch_size, stride or patch_size
+    if s == p:
+        x = images.reshape(b, h // p, p, w // p, p, c)  # (B, h, p1, w, p2, C)
+    else:  # overlapping: gather each patch row's pixel rows, then each patch column's columns
+        rows = np.arange((h - p) // s + 1)[:, None] * s + np.arange(p)  # (h, p1): pixel rows
+        cols = np.arange((w - p) // s + 1)[:, None] * s + np.arange(p)  # (w, p2): pixel columns
+        x = images[:, rows][:, :, :, cols]  # (B, h, p1, w, p2, C)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p1, p2, C)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p1*p2*C)
+    return x.reshape(b, x.shape[1] * x.shape[2], p * p * c)  # (B, N, p1*p2*C)
 
 
 def unpatchify(patches: Array, patch_size: int, height: int, width: int) -> Array:
@@ -49,14 +56,14 @@ def unpatchify(patches: Array, patch_size: int, height: int, width: int) -> Arra
     return x.reshape(b, height, width, c)
 
 
-def patchify_naive(images: Array, patch_size: int) -> Array:
+def patchify_naive(images: Array, patch_size: int, stride: int | None = None) -> Array:
     """The same as `patchify`, one patch at a time in Python: slow on purpose, obviously right."""
     b, h, w, c = images.shape
-    p = patch_size
+    p, s = patch_size, stride or patch_size
     patches = []
-    for row in range(h // p):
-        for col in range(w // p):
-            patch = images[:, row * p:(row + 1) * p, col * p:(col + 1) * p, :]  # (B, p, p, C)
+    for row in range((h - p) // s + 1):
+        for col in range((w - p) // s + 1):
+            patch = images[:, row * s:row * s + p, col * s:col * s + p, :]  # (B, p, p, C)
             patches.append(patch.reshape(b, p * p * c))
     return jnp.stack(patches, axis=1)  # (B, N, p*p*C)
 
@@ -321,9 +328,10 @@ class ViT(nn.Module):
         c = self.config
         images = crop(images, c.crop)  # (B, H - 2 crop, W - 2 crop, C)
         if c.spt:  # (B, N, p*p*5C), each token normalized
-            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
+            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size,
+                                               c.stride))
         else:
-            patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+            patches = patchify(images, c.patch_size, c.stride)  # (B, N, p*p*C)
         # The residual stream stays float32 whatever the compute dtype (as under torch autocast):
         # a bf16 stream loses the small block updates and trains measurably worse.
         x = self.patch_embed(patches).astype(jnp.float32)  # (B, N, D)

@@ -35,6 +35,9 @@ class ViTConfig:
     channels: int = 1
     crop: int = 0  # pixels cut off every border before patchify: the model sees the central part
     patch_size: int = 4
+    # pixels from one patch to the next; 0 means patch_size: the paper's disjoint patches. Less
+    # than patch_size, the patches overlap (each pixel in up to ceil(p/s)^2 tokens).
+    patch_stride: int = 0
     width: int = 64  # D, the token dimension
     depth: int = 4  # L, number of encoder blocks
     num_heads: int = 4
@@ -65,10 +68,16 @@ class ViTConfig:
         return self.image_height - 2 * self.crop, self.image_width - 2 * self.crop
 
     @property
+    def stride(self) -> int:
+        """Pixels from one patch to the next: patch_stride, or patch_size where it is 0."""
+        return self.patch_stride or self.patch_size
+
+    @property
     def grid(self) -> tuple[int, int]:
-        """Patch grid (rows, cols)."""
+        """Patch grid (rows, cols): a patch at every stride that fits in the part seen."""
         height, width = self.seen
-        return height // self.patch_size, width // self.patch_size
+        p, s = self.patch_size, self.stride
+        return (height - p) // s + 1, (width - p) // s + 1
 
     @property
     def num_patches(self) -> int:
@@ -114,10 +123,22 @@ class ViTConfig:
              and 0 <= 2 * self.crop < min(self.image_height, self.image_width),
              f"crop must be a whole number of pixels, 0 <= 2 * crop < the image's height and width "
              f"({self.image_height}x{self.image_width}), got {self.crop!r}")
+        need(isinstance(self.patch_stride, int) and not isinstance(self.patch_stride, bool)
+             and 0 <= self.patch_stride <= self.patch_size,
+             f"patch_stride must be a whole number of pixels from 1 to patch_size "
+             f"({self.patch_size}), or 0 for patch_size, got {self.patch_stride!r}")
         height, width = self.seen
-        need(height % self.patch_size == 0 and width % self.patch_size == 0,
-             f"image size {height}x{width}" + (f" (after a crop of {self.crop})" if self.crop else "")
-             + f" is not divisible by patch_size {self.patch_size}")
+        cropped = f" (after a crop of {self.crop})" if self.crop else ""
+        if self.stride == self.patch_size:
+            need(height % self.patch_size == 0 and width % self.patch_size == 0,
+                 f"image size {height}x{width}{cropped} is not divisible by patch_size "
+                 f"{self.patch_size}")
+        else:
+            p, s = self.patch_size, self.stride
+            need(height >= p and width >= p and (height - p) % s == 0 and (width - p) % s == 0,
+                 f"patches of {p} every {s} pixels do not tile image size {height}x{width}"
+                 f"{cropped}: height - patch_size and width - patch_size must be multiples of "
+                 f"patch_stride")
         need(self.width % self.num_heads == 0,
              f"width {self.width} is not divisible by num_heads {self.num_heads}")
         need(0 < self.mlp_ratio < math.inf and self.mlp_dim >= 1,

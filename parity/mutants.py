@@ -123,6 +123,11 @@ MUTANTS = (
            "x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p1, p2, C)",
            "x = x.transpose(0, 1, 3, 4, 2, 5)  # (B, h, w, p1, p2, C)",
            "Flax's patches flattened column by column (p2 p1 c)"),
+    Mutant("flax-overlap-column-step", "jaxvit/model.py",
+           "cols = np.arange((w - p) // s + 1)[:, None] * s + np.arange(p)",
+           "cols = np.arange((w - p) // s + 1)[:, None] * p + np.arange(p)",
+           "Flax's overlapping patches a patch apart across, not a stride: JAX clamps the gather's "
+           "indices past the edge, so nothing fails, only the last columns' pixels are wrong"),
     # ---- what the parity suite does not run: each has its own test ----
     Mutant("drop-path-in-eval", "torchvit/model.py",
            "if not self.training or self.rate == 0.0:", "if self.rate == 0.0:",

@@ -18,15 +18,18 @@ def crop(images: np.ndarray, pixels: int) -> np.ndarray:
     return out
 
 
-def patchify(images: np.ndarray, patch_size: int) -> np.ndarray:
-    """(B, H, W, C) -> (B, N, p*p*C): patches row by row, each flattened as (p1, p2, c)."""
+def patchify(images: np.ndarray, patch_size: int, stride: int | None = None) -> np.ndarray:
+    """(B, H, W, C) -> (B, N, p*p*C): patches row by row, each flattened as (p1, p2, c); one at
+    every `stride` pixels down and across (patch_size when None: the patches do not overlap)."""
     b, h, w, c = images.shape
     p = patch_size
-    out = np.empty((b, (h // p) * (w // p), p * p * c), images.dtype)
+    s = stride or p
+    rows, cols = (h - p) // s + 1, (w - p) // s + 1
+    out = np.empty((b, rows * cols, p * p * c), images.dtype)
     n = 0
-    for row in range(h // p):
-        for col in range(w // p):
-            out[:, n] = images[:, row * p:(row + 1) * p, col * p:(col + 1) * p, :].reshape(b, -1)
+    for row in range(rows):
+        for col in range(cols):
+            out[:, n] = images[:, row * s:row * s + p, col * s:col * s + p, :].reshape(b, -1)
             n += 1
     return out
 

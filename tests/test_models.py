@@ -202,6 +202,20 @@ def test_patchify_then_unpatchify_gives_back_the_image(p, h, w, ch):
     assert torch.equal(tm.unpatchify(tm.patchify(xt, p), p, h, w), xt)
 
 
+def test_overlapping_patches_hold_a_pixel_in_every_patch_that_covers_it_and_in_no_other():
+    c = preset("tiny", crop=2, patch_size=8, patch_stride=4)  # 8x8 every 4 over the central 24x24
+    assert c.grid == (5, 5) and c.num_tokens == 26 and c.patch_dim == 64
+    assert preset("tiny", patch_size=7, patch_stride=7).grid == preset("tiny", patch_size=7).grid
+    x = np.zeros((1, 24, 24, 1), np.float32)
+    x[0, 9, 14] = 1.0  # rows 4-11 and 8-15 of patches hold row 9; columns 8-15 and 12-19 column 14
+    j = np.asarray(jm.patchify(jnp.asarray(x), 8, 4))[0]  # (25, 64)
+    t = tm.patchify(torch.from_numpy(x).permute(0, 3, 1, 2), 8, 4).numpy()[0]
+    np.testing.assert_array_equal(j, t)
+    holding = {(n // 5, n % 5): int(np.argmax(j[n])) for n in np.flatnonzero(j.sum(axis=1))}
+    # grid (row, col) -> where the pixel sits in the flattened (p1 p2) patch: 8 * (9 - 4 row) + 14 - 4 col
+    assert holding == {(1, 2): 8 * 5 + 6, (1, 3): 8 * 5 + 2, (2, 2): 8 * 1 + 6, (2, 3): 8 * 1 + 2}
+
+
 def test_every_preset_builds_and_presets_table_is_complete():
     assert {"tiny", "small", "base", "kaggle"} <= set(PRESETS)
     for name in PRESETS:
@@ -222,6 +236,11 @@ def test_every_preset_builds_and_presets_table_is_complete():
     (dict(mlp_ratio=float("inf")), "mlp_ratio must be a finite number"),
     (dict(ln_eps=float("inf")), "ln_eps must be a finite number > 0"),
     (dict(rope="false"), "rope must be true or false, got 'false'"),
+    (dict(patch_size=4, patch_stride=5), "patch_stride must be a whole number of pixels from 1 to "
+                                         "patch_size (4), or 0 for patch_size, got 5"),
+    (dict(patch_stride=-1), "patch_stride must be"),
+    (dict(patch_stride=True), "patch_stride must be"),
+    (dict(patch_size=8, patch_stride=3), "patches of 8 every 3 pixels do not tile image size 28x28"),
 ])
 def test_config_refuses_impossible_values_with_a_clear_message(changes, words):
     with pytest.raises(ConfigError, match=None) as err:

@@ -83,6 +83,8 @@ def test_bench_rounds_pool_the_steps_and_pair_each_round(tmp_path):
     (["--preset", "tiny", "--patch-size", "5"], "error: image size 28x28 is not divisible by patch_size 5"),
     (["--crop", "2", "--patch-size", "6", "--modes", "flax-fp32,timm-eager-fp32"],
      "timm-* modes need --crop 0"),
+    (["--patch-size", "8", "--patch-stride", "4", "--modes", "timm-eager-fp32"],
+     "timm-* modes need --patch-stride 0"),
     (["--device", "cpu", "--modes", "flax-bf16", "--flax-attention", "cudnn"],
      "--flax-attention cudnn needs a GPU"),
 ])

@@ -26,13 +26,19 @@ def crop(images: Tensor, pixels: int) -> Tensor:
     return images[:, :, pixels:-pixels, pixels:-pixels]
 
 
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c)."""
+def patchify(images: Tensor, patch_size: int, stride: int | None = None) -> Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major grid order, pixels (p1 p2 c); a
+    patch every `stride` pixels (patch_size: disjoint, the paper's; less: overlapping)."""
     b, c, h, w = images.shape
-    p = patch_size
-    x = images.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p1, w, p2)
+    p, s = patch_size, stride or patch_size
+    if s == p:
+        x = images.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p1, w, p2)
+    else:  # overlapping: gather each patch row's pixel rows, then each patch column's columns
+        rows = torch.arange((h - p) // s + 1)[:, None] * s + torch.arange(p)  # (h, p1): pixel rows
+        cols = torch.arange((w - p) // s + 1)[:, None] * s + torch.arange(p)  # (w, p2): pixel columns
+        x = images[:, :, rows.to(images.device)][..., cols.to(images.device)]  # (B, C, h, p1, w, p2)
     x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p1, p2, C)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p1*p2*C)
+    return x.reshape(b, x.shape[1] * x.shape[2], p * p * c)  # (B, N, p1*p2*C)
 
 
 def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Tensor:
@@ -45,14 +51,14 @@ def unpatchify(patches: Tensor, patch_size: int, height: int, width: int) -> Ten
     return x.reshape(b, c, height, width)
 
 
-def patchify_naive(images: Tensor, patch_size: int) -> Tensor:
+def patchify_naive(images: Tensor, patch_size: int, stride: int | None = None) -> Tensor:
     """The same as `patchify`, one patch at a time in Python: slow on purpose, obviously right."""
     b, c, h, w = images.shape
-    p = patch_size
+    p, s = patch_size, stride or patch_size
     patches = []
-    for row in range(h // p):
-        for col in range(w // p):
-            patch = images[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (B, C, p, p)
+    for row in range((h - p) // s + 1):
+        for col in range((w - p) // s + 1):
+            patch = images[:, :, row * s:row * s + p, col * s:col * s + p]  # (B, C, p, p)
             patches.append(patch.permute(0, 2, 3, 1).reshape(b, p * p * c))
     return torch.stack(patches, dim=1)  # (B, N, p*p*C)
 
@@ -275,9 +281,10 @@ class ViT(nn.Module):
         c = self.config
         images = crop(images, c.crop)  # (B, C, H - 2 crop, W - 2 crop)
         if c.spt:  # (B, N, p*p*5C), each token normalized
-            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size))
+            patches = self.patch_norm(patchify(shifted_copies(images, c.patch_size), c.patch_size,
+                                               c.stride))
         else:
-            patches = patchify(images, c.patch_size)  # (B, N, p*p*C)
+            patches = patchify(images, c.patch_size, c.stride)  # (B, N, p*p*C)
         # The residual stream stays float32 whatever the compute dtype (autocast included):
         # a bf16 stream loses the small block updates and trains measurably worse.
         x = self.patch_embed(patches).float()  # (B, N, D)

@@ -435,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.crop and any(m in REFERENCE_MODES for m in modes):
         print("error: timm's ViT takes the whole image: the timm-* modes need --crop 0", file=sys.stderr)
         return 2
+    if config.stride != config.patch_size and any(m in REFERENCE_MODES for m in modes):
+        print("error: timm's ViT takes disjoint patches: the timm-* modes need --patch-stride 0",
+              file=sys.stderr)
+        return 2
     unknown = [m for m in modes if m not in MODES + REFERENCE_MODES]
     if any(m in REFERENCE_MODES for m in modes) and importlib.util.find_spec("timm") is None:
         print("error: the timm-* modes time timm's ViT, and timm is not installed "

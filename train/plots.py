@@ -327,7 +327,7 @@ def draw_posemb(path: Path, config: ViTConfig, table: np.ndarray) -> Path:
 def draw_patches(path: Path, config: ViTConfig, image: np.ndarray, label: int, row: int) -> Path:
     p = config.patch_size
     seen = reference.crop(image[None, :, :, None], config.crop)  # (1, *config.seen, 1)
-    patches = reference.patchify(seen, p)[0]  # (N, p*p)
+    patches = reference.patchify(seen, p, config.stride)[0]  # (N, p*p)
     fig = _figure("patches")
     left, right = fig.subplots(1, 2)
     im = left.imshow(image, cmap="gray", vmin=0, vmax=255)
@@ -345,7 +345,8 @@ def draw_patches(path: Path, config: ViTConfig, image: np.ndarray, label: int, r
         (h, w), k = config.seen, config.crop
         left.add_patch(Rectangle((k - 0.5, k - 0.5), w, h, fill=False, edgecolor="#d0d0ff", linewidth=1.5))
         cropped = f"\n(the central {h}x{w}, framed)"
-    right.set_title(f"{config.num_patches} patches of {p}x{p} = the tokens "
+    every = f" every {config.stride} pixels" if config.stride != p else ""
+    right.set_title(f"{config.num_patches} patches of {p}x{p}{every} = the tokens "
                     f"x_p^1..x_p^{config.num_patches}{cropped}")
     right.set_xlabel("patch column")
     right.set_ylabel("patch row")
@@ -437,7 +438,9 @@ def draw_attention(path: Path, config: ViTConfig, images: np.ndarray, maps: np.n
         ax_map.set_yticks(range(config.grid[0]), [str(r + 1) for r in range(config.grid[0])])
         fig.colorbar(im, ax=ax_map, label="rollout weight")
         ax_over.imshow(images[n], cmap="gray", vmin=0, vmax=255, extent=(0, w, h, 0))
-        k = config.crop  # the patches cover the image less k pixels on every side
+        # a cell a stride wide around each patch's centre: the image less k pixels on every
+        # side (k the crop) for disjoint patches; half the overlap less again for overlapping ones
+        k = config.crop + (config.patch_size - config.stride) / 2
         im = ax_over.imshow(maps[n] / max(float(maps[n].max()), 1e-12), cmap="inferno", alpha=0.55,
                             vmin=0, vmax=1, extent=(k, w - k, h - k, k), interpolation="bilinear")
         fig.colorbar(im, ax=ax_over, label="rollout / its max")
