@@ -627,11 +627,17 @@ PLANS: dict[str, dict] = {
     # 5x5 grid over the central 24x24 (26 tokens against the recipe's 17, about 1.5x its step):
     # each pixel in up to four tokens, no patch border that a stroke cannot also be seen across.
     # Paired with cpu-crop's seeds 0 and 1 (final 99.43%, 99.36%; TTA 99.52%, 99.50%), side by side.
+    # Result (2026-12-07, docs/results/cpu-crop-overlap.json, row 51): 99.48%, 99.52% final (+2, +7
+    # images), with TTA 99.55%, 99.57% (+1, +3); ahead from epoch 1 (91.8% against 76.8% on seed 0)
+    # to the end. 40.7 min a run side by side against 22.5: the step costs 2.0x (bench, speed.md).
     "cpu-crop-overlap": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
                                          [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
                                           "--patch-stride", "4"], s) for s in (0, 1)]),
     # ... seeds 2 and 3, paired with the recipe's (plans cpu-crop-s2, cpu-crop-s34: final 99.29%,
-    # 99.36%; TTA 99.50%, 99.52%), side by side.
+    # 99.36%; TTA 99.50%, 99.52%), side by side. Result (2026-12-07, docs/results/
+    # cpu-crop-overlap-s23.json, row 51): 99.50%, 99.50% final (+9, +6 images), with TTA 99.52%,
+    # 99.57% (+1, +2). Over the four seeds: 99.50% +- 0.02 final (+6.0 images a seed, paired t-test
+    # p = 0.03), 99.55% +- 0.02 with TTA (+1.75, p = 0.04); their ensemble with TTA 99.57%.
     "cpu-crop-overlap-s23": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
                                              [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
                                               "--patch-stride", "4"], s) for s in (2, 3)]),
