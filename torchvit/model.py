@@ -34,9 +34,10 @@ def patchify(images: Tensor, patch_size: int, stride: int | None = None) -> Tens
     if s == p:
         x = images.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p1, w, p2)
     else:  # overlapping: gather each patch row's pixel rows, then each patch column's columns
-        rows = torch.arange((h - p) // s + 1)[:, None] * s + torch.arange(p)  # (h, p1): pixel rows
-        cols = torch.arange((w - p) // s + 1)[:, None] * s + torch.arange(p)  # (w, p2): pixel columns
-        x = images[:, :, rows.to(images.device)][..., cols.to(images.device)]  # (B, C, h, p1, w, p2)
+        at = dict(device=images.device)
+        rows = torch.arange((h - p) // s + 1, **at)[:, None] * s + torch.arange(p, **at)  # (h, p1): pixel rows
+        cols = torch.arange((w - p) // s + 1, **at)[:, None] * s + torch.arange(p, **at)  # (w, p2): pixel columns
+        x = images[:, :, rows][..., cols]  # (B, C, h, p1, w, p2)
     x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p1, p2, C)
     return x.reshape(b, x.shape[1] * x.shape[2], p * p * c)  # (B, N, p1*p2*C)
 
