@@ -644,7 +644,9 @@ PLANS: dict[str, dict] = {
     # Overlapping patches with rotary position embedding: both ahead early on the cropped recipe
     # (RoPE by 0.7-1.3% at epoch 3, level at the end over seven seeds; overlap by 15-17 points at
     # epoch 1, ahead at the end on four). Do they add up? Seeds 0 and 1 side by side, paired with
-    # cpu-crop-overlap's (final 99.48%, 99.52%; TTA 99.55%, 99.57%).
+    # cpu-crop-overlap's (final 99.48%, 99.52%; TTA 99.55%, 99.57%). Result (2026-12-07, docs/
+    # results/cpu-crop-overlap-rope.json, row 52): 99.52%, 99.38% final (+2, -6 images), with TTA
+    # 99.57%, 99.50% (+1, -3): they do not add up on these two seeds. Not continued.
     "cpu-crop-overlap-rope": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4-rope",
                                               [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
                                                "--patch-stride", "4", "--rope", "true"], s)
