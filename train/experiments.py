@@ -72,6 +72,8 @@ SCALED_BATCHES = (("bs256-lr4e-3", ["--batch-size", "256", "--lr", "4e-3"]), ("b
 
 # the patch grid moved onto the digit: patch 7's 16 tokens as 6x6 patches of the central 24x24
 CROP2_P6 = ["--crop", "2", "--patch-size", "6"]
+# the 25 overlapping 8x8 patches, one every 4 pixels over the central 24x24 (plan cpu-crop-overlap)
+CROP2_P8S4 = ["--crop", "2", "--patch-size", "8", "--patch-stride", "4"]
 
 # batch 512 at the learning rate scaled by the square root from 128 at 2e-3 (plan cpu-crop-b512)
 B512 = ["--batch-size", "512", "--lr", "4e-3"]
@@ -631,16 +633,14 @@ PLANS: dict[str, dict] = {
     # images), with TTA 99.55%, 99.57% (+1, +3); ahead from epoch 1 (91.8% against 76.8% on seed 0)
     # to the end. 40.7 min a run side by side against 22.5: the step costs 2.0x (bench, speed.md).
     "cpu-crop-overlap": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
-                                         [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
-                                          "--patch-stride", "4"], s) for s in (0, 1)]),
+                                         [*E44_CLEAN4, *CROP2_P8S4], s) for s in (0, 1)]),
     # ... seeds 2 and 3, paired with the recipe's (plans cpu-crop-s2, cpu-crop-s34: final 99.29%,
     # 99.36%; TTA 99.50%, 99.52%), side by side. Result (2026-12-07, docs/results/
     # cpu-crop-overlap-s23.json, row 51): 99.50%, 99.50% final (+9, +6 images), with TTA 99.52%,
     # 99.57% (+1, +2). Over the four seeds: 99.50% +- 0.02 final (+6.0 images a seed, paired t-test
     # p = 0.03), 99.55% +- 0.02 with TTA (+1.75, p = 0.04); their ensemble with TTA 99.57%.
     "cpu-crop-overlap-s23": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
-                                             [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
-                                              "--patch-stride", "4"], s) for s in (2, 3)]),
+                                             [*E44_CLEAN4, *CROP2_P8S4], s) for s in (2, 3)]),
     # Overlapping patches with rotary position embedding: both ahead early on the cropped recipe
     # (RoPE by 0.7-1.3% at epoch 3, level at the end over seven seeds; overlap by 15-17 points at
     # epoch 1, ahead at the end on four). Do they add up? Seeds 0 and 1 side by side, paired with
@@ -648,8 +648,7 @@ PLANS: dict[str, dict] = {
     # results/cpu-crop-overlap-rope.json, row 52): 99.52%, 99.38% final (+2, -6 images), with TTA
     # 99.57%, 99.50% (+1, -3): they do not add up on these two seeds. Not continued.
     "cpu-crop-overlap-rope": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4-rope",
-                                              [*E44_CLEAN4, "--crop", "2", "--patch-size", "8",
-                                               "--patch-stride", "4", "--rope", "true"], s)
+                                              [*E44_CLEAN4, *CROP2_P8S4, "--rope", "true"], s)
                                             for s in (0, 1)]),
     # Finer overlap: 6x6 patches every 3 pixels over the central 24x24, a 7x7 grid (50 tokens
     # against the 8x8-every-4 recipe's 26; each pixel in up to four patches, as there). Does a
@@ -734,8 +733,13 @@ PLANS: dict[str, dict] = {
     # run's bfloat16). Second, before the batch sizes: the same recipe with --rope, seeds 0 and 1
     # (on the CPU 0.9-1.3% ahead at epoch 3 and level at the end over four seeds, plan
     # cpu-crop-rope; its turn slows the CPU step, so on the CPU it saves no time: on a GPU?).
+    # Before RoPE: overlapping 8x8 patches every 4 pixels, seeds 0 and 1 (on the CPU ahead of
+    # the recipe at every epoch and 99.50% +- 0.02 without TTA, plans cpu-crop-overlap and -s23;
+    # 26 tokens against 17, a step 2.0x the CPU's: does a GPU's batch-128 step even notice?).
     "gpu-m": {"runs": [
         *[R(f"crop-b128-s{s}", [*CROP_RECIPE, *CROP_LAUNCH, "--seed", str(s)], "crop-b128") for s in (0, 1, 2)],
+        *[R(f"crop-overlap-b128-s{s}", [*E44_CLEAN4, *CROP2_P8S4, *CROP_LAUNCH, "--seed", str(s)],
+            "crop-overlap-b128") for s in (0, 1)],
         *[R(f"crop-rope-b128-s{s}", [*CROP_RECIPE, "--rope", "true", *CROP_LAUNCH, "--seed", str(s)],
             "crop-rope-b128") for s in (0, 1)],
         R("crop-b256-s0", [*CROP_RECIPE, *B256, *CROP_LAUNCH], "crop-b256"),

@@ -25,7 +25,8 @@
 #           gpu-l (width 384 at 3e-4 over 3 seeds and their TTA ensemble, and at 2e-4), four runs
 #           at a time, cut at a deadline; everything packed into $OUT/part-l.tar.gz
 #   PART=m: the 20-s goal: plan gpu-m (the cropped CPU recipe, 17 tokens: batch 128 over three
-#           seeds, the same with --rope over two, then 256, 512 and 128 in float32), one run at
+#           seeds, overlapping 8x8 patches every 4 pixels over two, the recipe with --rope
+#           over two, then 256, 512 and 128 in float32), one run at
 #           a time, each alone for its launch-to-exit time; the cache starts empty, so the first
 #           run of each batch size and dtype compiles (as on a fresh machine) and the seeds
 #           after it find it warm; cut at a deadline; everything packed into $OUT/part-m.tar.gz
