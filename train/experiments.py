@@ -653,7 +653,11 @@ PLANS: dict[str, dict] = {
     # Finer overlap: 6x6 patches every 3 pixels over the central 24x24, a 7x7 grid (50 tokens
     # against the 8x8-every-4 recipe's 26; each pixel in up to four patches, as there). Does a
     # finer grid of overlapping patches gain more? Seeds 0 and 1 side by side, paired with
-    # cpu-crop-overlap's (final 99.48%, 99.52%; TTA 99.55%, 99.57%).
+    # cpu-crop-overlap's (final 99.48%, 99.52%; TTA 99.55%, 99.57%). Result (2026-12-07, docs/
+    # results/cpu-crop-overlap-p6s3.json, row 53): 99.40%, 99.43% final (-3, -4 images), with TTA
+    # 99.52%, 99.50% (-1, -3), the recipe's own level; ahead of the recipe from epoch 1 (90.5%
+    # against 76.8%), behind the 8x8 patches. 84.5 min a run side by side (360 img/s against 745):
+    # not the overlap alone, the 8x8 patches matter. Not continued.
     "cpu-crop-overlap-p6s3": each_with_tta([G("e44-elastic17-clean4-crop2-p6s3",
                                               [*E44_CLEAN4, "--crop", "2", "--patch-size", "6",
                                                "--patch-stride", "3"], s) for s in (0, 1)]),
