@@ -665,7 +665,10 @@ PLANS: dict[str, dict] = {
     # (a 4x4 grid, 17 tokens as in the recipe; neighbours share 4 pixel rows or columns, each pixel
     # in up to four patches). Does overlap pay without the extra tokens? Seeds 0 and 1 side by
     # side, paired with the recipe's (cpu-crop: final 99.43%, 99.36%; TTA 99.52%, 99.50%) and
-    # with cpu-crop-overlap's.
+    # with cpu-crop-overlap's. Result (2026-12-07, docs/results/cpu-crop-overlap-p9s5.json, row
+    # 54): 99.36%, 99.48% final (-3, +5 images), with TTA 99.48%, 99.45% (-2, -2); 90.4% at
+    # epoch 1 (the recipe 76.8%), at the recipe's speed (1,354-1,370 img/s side by side), but no
+    # gain at the end. Overlap pays only with row 51's 26 tokens. Not continued.
     "cpu-crop-overlap-p9s5": each_with_tta([G("e44-elastic17-clean4-crop2-p9s5",
                                               [*E44_CLEAN4, "--crop", "2", "--patch-size", "9",
                                                "--patch-stride", "5"], s) for s in (0, 1)]),
