@@ -668,7 +668,7 @@ PLANS: dict[str, dict] = {
     # with cpu-crop-overlap's. Result (2026-12-07, docs/results/cpu-crop-overlap-p9s5.json, row
     # 54): 99.36%, 99.48% final (-3, +5 images), with TTA 99.48%, 99.45% (-2, -2); 90.4% at
     # epoch 1 (the recipe 76.8%), at the recipe's speed (1,354-1,370 img/s side by side), but no
-    # gain at the end. Overlap pays only with row 51's 26 tokens. Not continued.
+    # gain at the end. Of the three overlapping grids tried, only row 51's gains. Not continued.
     "cpu-crop-overlap-p9s5": each_with_tta([G("e44-elastic17-clean4-crop2-p9s5",
                                               [*E44_CLEAN4, "--crop", "2", "--patch-size", "9",
                                                "--patch-stride", "5"], s) for s in (0, 1)]),
