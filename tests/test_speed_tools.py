@@ -134,18 +134,37 @@ def test_xla_flags_are_appended_once_and_never_override_the_user():
 def test_profile_step_names_where_each_frameworks_time_goes(tmp_path):
     out = tmp_path / "profile"
     proc = run_tool(str(ROOT / "train" / "profile_step.py"), "--preset", "tiny", "--batch-size", "8",
-                    "--steps", "2", "--depth", "1", "--rope", "true", "--out", str(out))
+                    "--steps", "2", "--depth", "1", "--rope", "true", "--cpu-devices", "2",
+                    "--out", str(out))
     results = json.loads((out / "profile.json").read_text())
     assert [r["framework"] for r in results] == ["flax", "torch"]
     for r in results:
         assert r["total_ms"] > 0 and r["top_ops"]
         assert abs(sum(c["share"] for c in r["classes"]) - 1) < 1e-6
         assert abs(sum(c["ms"] for c in r["classes"]) - r["total_ms"]) < 1e-6 * r["total_ms"] + 1e-9
+    # Flax's batch went over two XLA CPU devices, as the trainer's does; the kernels' union is
+    # no more than their sum
+    assert results[0]["devices"] == 2 and 0 < results[0]["busy_ms"] <= results[0]["total_ms"] + 1e-9
+    assert "split over 2 XLA CPU devices" in proc.stdout and "union of the kernels' spans" in proc.stdout
     flax_classes = {c["class"] for c in results[0]["classes"]}
     # the traced XLA kernels were matched to the compiled module, not all left as "other"
     assert {"matmul (dense layers)", "matmul, batched (attention)"} <= flax_classes
     assert "| class | flax | torch |" in proc.stdout and (out / "profile.md").is_file()
     assert "preset `tiny (depth=1, rope=True)`" in proc.stdout  # config overrides, as bench takes them
+
+
+def test_profile_busy_time_is_the_union_of_the_kernels_spans():
+    # XLA:CPU runs thunks side by side on several threads: overlapping spans count once, and
+    # the time between them not at all
+    from train.profile_step import busy_ms
+
+    def op(tid, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": "f", "args": {"hlo_op": "f"}}
+
+    trace = {"traceEvents": [op(1, 0, 10), op(2, 5, 10), op(1, 20, 10), op(2, 22, 3)]}
+    assert busy_ms(trace, steps=1) == (15 + 10) / 1000
+    assert busy_ms(trace, steps=5) == (15 + 10) / 1000 / 5
+    assert busy_ms({"traceEvents": []}, steps=1) == 0
 
 
 def test_profile_reads_gpu_kernels_run_inside_a_command_buffer():
@@ -226,6 +245,14 @@ def test_profile_refuses_unknown_frameworks_before_any_work(frameworks, words, t
                           env=env(), timeout=120)
     assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_profile_refuses_a_device_count_that_does_not_split_the_batch(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "profile_step.py"), "--preset", "tiny",
+                           "--batch-size", "7", "--cpu-devices", "2", "--out", str(tmp_path / "p")],
+                          capture_output=True, text=True, env=env(), timeout=120)
+    assert proc.returncode == 2 and "--cpu-devices must be >= 1 and divide --batch-size (7)" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "p").exists()
 
 
 def test_profile_refuses_a_bad_config_override_before_any_work(tmp_path):
