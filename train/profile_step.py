@@ -4,6 +4,7 @@
     python train/profile_step.py --preset cpu --rope true   # any ViTConfig field, as train/bench.py takes
     python train/profile_step.py --preset base --batch-size 1024 --bf16 \
         --frameworks torch-compile,timm-compile      # our PyTorch twin against timm's ViT
+    python train/profile_step.py --preset cpu --cpu-devices 2 --frameworks flax  # as the trainer splits it
 
 Flax: jax.profiler traces the jitted step; every XLA:CPU/GPU kernel in the trace is matched to
 its HLO instruction in the compiled module and put in a class (batched matmuls, i.e. the
@@ -14,6 +15,9 @@ steps. On a GPU every kernel is put in a class by its own name, so that eager an
 (whose fused Triton kernels no ATen operator names) read in one table; on a CPU each
 millisecond is counted in the ATen operator that spent it, and a compiled step's fused C++
 kernels in its graph's call.
+With --cpu-devices N Flax's batch is split over N XLA CPU devices, as the Flax trainer's is;
+its kernels' ms are then summed over them, and a row gives the union of the kernels' spans
+(when some kernel runs), to set against the wall time.
 Each one runs in its own process (see train/bench.py for why). Writes profile.json and
 profile.md under --out and prints the Markdown.
 """
@@ -148,7 +152,7 @@ def analyze_flax(trace: dict, hlo: str, steps: int, wall: float | None) -> dict:
 
 
 def busy_ms(trace: dict, steps: int) -> float:
-    """ms per step in which at least one of kernel_times' kernels runs (the union of their
+    """ms per step in which at least one of kernel_events' kernels runs (the union of their
     intervals): on XLA:CPU, where thunks run side by side on several threads (and devices),
     the kernels' sum can pass the wall time; what the union leaves of the wall, no kernel ran."""
     spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernel_events(trace) if "ts" in e)
