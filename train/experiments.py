@@ -80,6 +80,8 @@ B512 = ["--batch-size", "512", "--lr", "4e-3"]
 
 # the cropped patch-6 recipe: 99.51% +- 0.01 with TTA (plans cpu-crop, cpu-crop-s2)
 CROP_RECIPE = [*E44_CLEAN4, *CROP2_P6]
+# ... with overlapping 8x8 patches every 4 pixels instead (plans cpu-crop-overlap to -s6-p10s4)
+OVERLAP_RECIPE = [*E44_CLEAN4, *CROP2_P8S4]
 # how the one-command launch to 99.5% scores and submits (plan gpu-m)
 CROP_LAUNCH = ["--tta", "--submit-weights", "final", "--no-plots"]
 
@@ -633,14 +635,14 @@ PLANS: dict[str, dict] = {
     # images), with TTA 99.55%, 99.57% (+1, +3); ahead from epoch 1 (91.8% against 76.8% on seed 0)
     # to the end. 40.7 min a run side by side against 22.5: the step costs 2.0x (bench, speed.md).
     "cpu-crop-overlap": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
-                                         [*E44_CLEAN4, *CROP2_P8S4], s) for s in (0, 1)]),
+                                         OVERLAP_RECIPE, s) for s in (0, 1)]),
     # ... seeds 2 and 3, paired with the recipe's (plans cpu-crop-s2, cpu-crop-s34: final 99.29%,
     # 99.36%; TTA 99.50%, 99.52%), side by side. Result (2026-12-07, docs/results/
     # cpu-crop-overlap-s23.json, row 51): 99.50%, 99.50% final (+9, +6 images), with TTA 99.52%,
     # 99.57% (+1, +2). Over the four seeds: 99.50% +- 0.02 final (+6.0 images a seed, paired t-test
     # p = 0.03), 99.55% +- 0.02 with TTA (+1.75, p = 0.04); their ensemble with TTA 99.57%.
     "cpu-crop-overlap-s23": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
-                                             [*E44_CLEAN4, *CROP2_P8S4], s) for s in (2, 3)]),
+                                             OVERLAP_RECIPE, s) for s in (2, 3)]),
     # Overlapping patches with rotary position embedding: both ahead early on the cropped recipe
     # (RoPE by 0.7-1.3% at epoch 3, level at the end over seven seeds; overlap by 15-17 points at
     # epoch 1, ahead at the end on four). Do they add up? Seeds 0 and 1 side by side, paired with
@@ -648,7 +650,7 @@ PLANS: dict[str, dict] = {
     # results/cpu-crop-overlap-rope.json, row 52): 99.52%, 99.38% final (+2, -6 images), with TTA
     # 99.57%, 99.50% (+1, -3): they do not add up on these two seeds. Not continued.
     "cpu-crop-overlap-rope": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4-rope",
-                                              [*E44_CLEAN4, *CROP2_P8S4, "--rope", "true"], s)
+                                              [*OVERLAP_RECIPE, "--rope", "true"], s)
                                             for s in (0, 1)]),
     # Finer overlap: 6x6 patches every 3 pixels over the central 24x24, a 7x7 grid (50 tokens
     # against the 8x8-every-4 recipe's 26; each pixel in up to four patches, as there). Does a
@@ -680,7 +682,7 @@ PLANS: dict[str, dict] = {
     # 99.50% (+1, +1). Over six paired seeds: +5.5 images a seed final (p = 0.003), +1.5 with TTA
     # (p = 0.007); 44.5 min a run side by side (675 img/s).
     "cpu-crop-overlap-s45": each_with_tta([G("e44-elastic17-clean4-crop2-p8s4",
-                                             [*E44_CLEAN4, *CROP2_P8S4], s) for s in (4, 5)]),
+                                             OVERLAP_RECIPE, s) for s in (4, 5)]),
     # ... its seed 6 (the recipe's: final 99.45%, TTA 99.60%), beside one more grid at row 51's
     # token count: 25 patches of 10x10 one every 4 pixels over the central 26x26 (crop 1; each
     # pixel in up to nine patches). Do still larger patches on the same 5x5 grid gain more?
@@ -691,7 +693,7 @@ PLANS: dict[str, dict] = {
     # with TTA. 10x10 every 4: 99.52% final, 99.55% with TTA (+2, 0 against row 51's seed 0), at
     # 720 img/s side by side (row 51: 734). One seed, level; not continued.
     "cpu-crop-overlap-s6-p10s4": each_with_tta([
-        G("e44-elastic17-clean4-crop2-p8s4", [*E44_CLEAN4, *CROP2_P8S4], 6),
+        G("e44-elastic17-clean4-crop2-p8s4", OVERLAP_RECIPE, 6),
         G("e44-elastic17-clean4-crop1-p10s4",
           [*E44_CLEAN4, "--crop", "1", "--patch-size", "10", "--patch-stride", "4"], 0)]),
     # How much does the validation split itself move the score? Every number above is on one
@@ -776,7 +778,7 @@ PLANS: dict[str, dict] = {
     # 26 tokens against 17, a step 2.0x the CPU's: does a GPU's batch-128 step even notice?).
     "gpu-m": {"runs": [
         *[R(f"crop-b128-s{s}", [*CROP_RECIPE, *CROP_LAUNCH, "--seed", str(s)], "crop-b128") for s in (0, 1, 2)],
-        *[R(f"crop-overlap-b128-s{s}", [*E44_CLEAN4, *CROP2_P8S4, *CROP_LAUNCH, "--seed", str(s)],
+        *[R(f"crop-overlap-b128-s{s}", [*OVERLAP_RECIPE, *CROP_LAUNCH, "--seed", str(s)],
             "crop-overlap-b128") for s in (0, 1)],
         *[R(f"crop-rope-b128-s{s}", [*CROP_RECIPE, "--rope", "true", *CROP_LAUNCH, "--seed", str(s)],
             "crop-rope-b128") for s in (0, 1)],

@@ -316,7 +316,7 @@ def markdown(results: list[dict], args) -> str:
     from train.bench import model_name
 
     split = (f"; Flax's batch split over {args.cpu_devices} XLA CPU devices, its kernels' ms summed "
-             f"over them" if getattr(args, "cpu_devices", 1) > 1 else "")
+             f"over them" if args.cpu_devices > 1 else "")
     lines = [f"Train step (forward, backward, AdamW), preset `{model_name(args)}`, batch {args.batch_size}, "
              f"{'bf16' if args.bf16 else 'fp32'}, {args.steps} profiled steps{split}; ms per step.", ""]
     names = [r["framework"] for r in results]
