@@ -212,6 +212,12 @@ def _sorted_metadata(blob: bytes) -> bytes:
     return blob[:8] + text.ljust(n) + blob[8 + n:]
 
 
+def file_format(path: str | os.PathLike) -> str | None:
+    """The format a safetensors file's header names ('vit-canonical/1', or train/cnn.py's
+    'cnn/1'), None if it names none; a file that is not safetensors is refused."""
+    return (_header(Path(path)).get("__metadata__") or {}).get("format")
+
+
 def read_config(path: str | os.PathLike) -> ViTConfig:
     """The config stored in a canonical file's header."""
     meta = _header(Path(path)).get("__metadata__") or {}

@@ -187,12 +187,17 @@ def build_parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="Flax trainer only, on a CPU: split each batch over N XLA CPU devices, "
                         "data-parallel (default: 2 on a machine with 2+ cores when the batch "
                         "splits in two, else 1; one device leaves part of 2 cores idle)")
-    rec = p.add_argument_group("training recipe (defaults: the preset's recipe)")
+    add_recipe_options(p, "the preset's recipe")
+    add_config_options(p)
+    return p
+
+
+def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:
+    """--<field> for each Recipe field (--epochs, --rotate, ...): each overrides the default's."""
+    rec = p.add_argument_group(f"training recipe (defaults: {defaults})")
     for f in dataclasses.fields(Recipe):
         rec.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[str(f.type)],
                          default=None, help=RECIPE_HELP[f.name])
-    add_config_options(p)
-    return p
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -518,7 +523,8 @@ class Job:
     train_idx: Any
     val_idx: Any
     steps_per_epoch: int
-    teacher: Any = None  # (canonical tensors, ViTConfig) of --teacher, or None
+    teacher: Any = None  # (canonical tensors, ViTConfig) of --teacher, (Flax params, CNNConfig)
+    # of a CNN --teacher (train/cnn.py; the Flax trainer only), or None
 
 
 def split_data(spec: Run, dataset) -> tuple[Any, Any, Any, Any, Any]:
@@ -554,7 +560,7 @@ def add_pseudo_labels(spec: Run, dataset, images, labels, train_idx):
             np.concatenate([train_idx, first + np.arange(len(rows))]))
 
 
-def load_job(args: argparse.Namespace, spec: Run) -> Job:
+def load_job(args: argparse.Namespace, spec: Run, framework: str) -> Job:
     """Load and check everything that can be refused, before anything is written."""
     from train import data
 
@@ -581,11 +587,12 @@ def load_job(args: argparse.Namespace, spec: Run) -> Job:
         raise UsageError(f"--batch-size {spec.recipe.batch_size} is larger than the training split "
                          f"({len(train_idx)} images)")
     return Job(dataset, images, labels, test_images, train_idx, val_idx, steps_per_epoch,
-               load_teacher(spec))
+               load_teacher(spec, framework))
 
 
-def load_teacher(spec: Run):
+def load_teacher(spec: Run, framework: str):
     """The --teacher's weights and config for --distill, checked; None without distillation.
+    A ViT's canonical file teaches either trainer; a CNN's (train/cnn_main.py) the Flax one.
     Its SHA-256 is kept in the run's options: a resume refuses a file that changed."""
     from parity import weights as W
 
@@ -597,10 +604,23 @@ def load_teacher(spec: Run):
         return None
     if not Path(path).is_file():
         raise UsageError(f"--teacher {path}: no such file")
-    tensors, config = W.load(path)
-    if (config.image_height, config.image_width, config.channels, config.num_classes) != (28, 28, 1, 10):
+    if W.file_format(path) == "cnn/1":  # train/cnn.py's FORMAT, read without importing JAX
+        if framework != "flax":
+            raise UsageError(f"--teacher {path}: a CNN's weights (train/cnn_main.py); only the Flax "
+                             f"trainer distills from a CNN")
+        from train import cnn
+
+        try:
+            tensors, config = cnn.load(path)
+        except cnn.CNNError as e:
+            raise UsageError(f"--teacher {e}") from None
+        channels = 1  # a CNN takes one input channel
+    else:
+        tensors, config = W.load(path)
+        channels = config.channels
+    if (config.image_height, config.image_width, channels, config.num_classes) != (28, 28, 1, 10):
         raise UsageError(f"--teacher {path}: a model of {config.image_height}x{config.image_width}x"
-                         f"{config.channels} images and {config.num_classes} classes, not the digits'")
+                         f"{channels} images and {config.num_classes} classes, not the digits'")
     check_unchanged(spec, "teacher_sha256", Path(path), f"--teacher {path}: the file")
     return tensors, config
 

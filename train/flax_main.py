@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxvit import xla_flags
 from parity import weights as W
-from parity.config import ConfigError
+from parity.config import ConfigError, ViTConfig
 from train import cache, common, data
 from train.common import UsageError, fail
 
@@ -91,7 +91,7 @@ def run(args) -> int:
     spec, out = common.open_run(args, FRAMEWORK)
     if args.eval_only:
         return eval_only(args, spec, out)
-    job = common.load_job(args, spec)  # everything that can be refused, before any write
+    job = common.load_job(args, spec, FRAMEWORK)  # everything that can be refused, before any write
     recipe, config, dataset = spec.recipe, spec.config, job.dataset
     images, labels, test_images = job.images, job.labels, job.test_images
     train_idx, val_idx, steps_per_epoch = job.train_idx, job.val_idx, job.steps_per_epoch
@@ -147,8 +147,13 @@ def run(args) -> int:
     teacher = None
     if job.teacher is not None:  # --distill: the teacher in float32, as the PyTorch twin's
         tensors, teacher_config = job.teacher
-        teacher = (ViT(teacher_config), jax.tree_util.tree_map(
-            jnp.asarray, W.canonical_to_flax(tensors, teacher_config)))
+        if isinstance(teacher_config, ViTConfig):
+            teacher = (ViT(teacher_config), jax.tree_util.tree_map(
+                jnp.asarray, W.canonical_to_flax(tensors, teacher_config)))
+        else:  # a CNN (train/cnn.py), its params already Flax's
+            from train.cnn import CNN
+
+            teacher = (CNN(teacher_config), jax.tree_util.tree_map(jnp.asarray, tensors))
     train_step = jt.make_train_step(model, tx, recipe, recipe.batch_size, steps_per_epoch, recipe.seed,
                                     mesh, teacher)
     predict = jt.make_predict(eval_model, tta=False)

@@ -97,7 +97,7 @@ def run(args) -> int:
     spec, out = common.open_run(args, FRAMEWORK)
     if args.eval_only:
         return eval_only(args, spec, out)
-    job = common.load_job(args, spec)  # everything that can be refused, before any write
+    job = common.load_job(args, spec, FRAMEWORK)  # everything that can be refused, before any write
     recipe, config, dataset = spec.recipe, spec.config, job.dataset
     images, labels, test_images = job.images, job.labels, job.test_images
     train_idx, val_idx, steps_per_epoch = job.train_idx, job.val_idx, job.steps_per_epoch
