@@ -721,7 +721,10 @@ PLANS: dict[str, dict] = {
     # The cropped recipe distilled from plan cpu-cnn's CNN (its final weights), half of each
     # target the CNN's probabilities for the same augmented image, seeds 0 and 1, paired with
     # the recipe's (final 99.43%, 99.36%; with TTA 99.52%, 99.50%). The ViT teachers of plans
-    # cpu-x and cpu-z cost 1-4 images; does a convolutional one give?
+    # cpu-x and cpu-z left their students behind their pairs; does a convolutional one give?
+    # Result (2026-12-07, docs/results/cpu-cnn-distill.json, row 58): final 99.48%, 99.29% (+2,
+    # -3 images), with TTA 99.50%, 99.48% (-1, -1): no gain. 30 min a run side by side (~1,000
+    # img/s against the recipe's ~1,380: the teacher's forward pass costs a step ~35%).
     "cpu-cnn-distill": each_with_tta([G("e44-elastic17-clean4-crop2-p6-cnnteacher",
                                         [*CROP_RECIPE, "--teacher", CNN_TEACHER, "--distill", "0.5"], s)
                                       for s in (0, 1)]),
