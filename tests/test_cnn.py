@@ -97,6 +97,8 @@ def test_a_cnn_teacher_changes_the_students_step():
     (["--channels", "0"], "--channels: expected whole numbers >= 1"),
     (["--distill", "0.5"], "the CNN baseline takes no --distill or --sam"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--cpu-devices", "0"], "expected a whole number >= 1, got '0'"),
+    (["--batch-size", "63", "--cpu-devices", "2"], "--batch-size 63 does not split evenly over 2 devices"),
 ])
 def test_cnn_main_refuses_bad_options_in_one_line(args, words, tmp_path):
     proc = run_refused("train/cnn_main.py", "--out", str(tmp_path / "r"), *args)

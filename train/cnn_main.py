@@ -54,9 +54,9 @@ def build_parser() -> common.OneLineParser:
                    help="channels of each block of two 3x3 convolutions (default: 16,32,64)")
     p.add_argument("--tta", action="store_true",
                    help="also score the final weights with the trainers' test-time shifts")
-    p.add_argument("--limit-train", type=int, default=None, metavar="N",
+    p.add_argument("--limit-train", type=common._count, default=None, metavar="N",
                    help="use only the first N rows of train.csv (smoke tests)")
-    p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+    p.add_argument("--cpu-devices", type=common._count, default=None, metavar="N",
                    help="on a CPU: split each batch over N XLA CPU devices (default as the Flax trainer)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     common.add_recipe_options(p, f"the `{BASE_RECIPE}` preset's recipe")
@@ -89,8 +89,6 @@ def run(args) -> int:
         config = cnn.CNNConfig(channels=parse_channels(args.channels))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.limit_train is not None and args.limit_train < 1:
-        raise UsageError(f"--limit-train must be >= 1, got {args.limit_train}")
     dataset = data.resolve(args.data)
     options = {k: given[k] for k in ("data", "channels", "tta", "limit_train", "cpu_devices")}
     spec = Spec(config, recipe, options)
@@ -101,7 +99,6 @@ def run(args) -> int:
         raise UsageError(f"--batch-size {recipe.batch_size} is larger than the training split "
                          f"({len(train_idx)} images)")
     out = Path(args.out)
-    common.prepare_out(out)
 
     import jax
     import jax.numpy as jnp
@@ -115,6 +112,7 @@ def run(args) -> int:
         jax.config.update("jax_num_cpu_devices", devices)
     common.check_batch_splits(recipe.batch_size, len(jax.devices()), "devices")
     mesh = jt.data_mesh() if len(jax.devices()) > 1 else None
+    common.prepare_out(out)
     common.start_run(out, spec, FRAMEWORK)
 
     model = cnn.CNN(config)
