@@ -273,9 +273,12 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
                     teacher: tuple[ViT, Any] | None = None):
     """-> step(state, images_u8, labels, order, index, step) -> state, jitted.
 
-    With a teacher (its model and float32 parameters) and recipe.distill > 0, each target is
-    (1 - distill) x the label + distill x the teacher's probabilities for the same image, as
-    augmented and mixed, before label smoothing (knowledge distillation, Hinton et al. 2015).
+    The model is the ViT, or any Flax module called the same way (apply(variables, x, train=,
+    rngs=) with a config.num_classes): train/cnn_main.py trains its CNN baseline with this step.
+    With a teacher (its model, a ViT or that CNN, and float32 parameters) and recipe.distill > 0,
+    each target is (1 - distill) x the label + distill x the teacher's probabilities for the same
+    image, as augmented and mixed, before label smoothing (knowledge distillation, Hinton et al.
+    2015).
 
     With a mesh, the batch is split over its 'data' axis and everything else is replicated;
     XLA's SPMD partitioner then averages the gradients across devices (an all-reduce), so
