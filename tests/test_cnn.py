@@ -93,10 +93,8 @@ def test_a_cnn_teacher_changes_the_students_step():
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--channels", "8,x"], "--channels: expected whole numbers >= 1"),
-    (["--channels", "0"], "--channels: expected whole numbers >= 1"),
+    (["--channels", "8,0"], "--channels: expected whole numbers >= 1"),
     (["--distill", "0.5"], "the CNN baseline takes no --distill or --sam"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
     (["--cpu-devices", "0"], "expected a whole number >= 1, got '0'"),
     (["--batch-size", "63", "--cpu-devices", "2"], "--batch-size 63 does not split evenly over 2 devices"),
 ])
