@@ -131,6 +131,8 @@ def run(args) -> int:
                                     recipe.seed, mesh)
     predict = jt.make_predict(model, tta=False)
     weights_of = (lambda s: s["ema"]) if "ema" in state else (lambda s: s["params"])
+    # as the Flax trainer does (its comment says why): on several XLA CPU devices, wait for each step
+    wait_each_step = mesh is not None and jax.default_backend() == "cpu"
     wall0 = time.perf_counter()
     epoch = 0
     try:
@@ -143,8 +145,8 @@ def run(args) -> int:
             for i in range(steps_per_epoch):
                 state = train_step(state, x_all, y_all, order, np.int32(i),
                                    np.int32(epoch * steps_per_epoch + i))
-                if mesh is not None and jax.default_backend() == "cpu":
-                    jax.block_until_ready(state)  # as the Flax trainer does (its comment says why)
+                if wait_each_step:
+                    jax.block_until_ready(state)
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
