@@ -278,7 +278,8 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
     With a teacher (its model, a ViT or that CNN, and float32 parameters) and recipe.distill > 0,
     each target is (1 - distill) x the label + distill x the teacher's probabilities for the same
     image, as augmented and mixed, before label smoothing (knowledge distillation, Hinton et al.
-    2015).
+    2015); with recipe.distill_hard, the teacher's top class, one-hot, in place of its
+    probabilities (DeiT's hard distillation, Touvron et al. 2021).
 
     With a mesh, the batch is split over its 'data' axis and everything else is replicated;
     XLA's SPMD partitioner then averages the gradients across devices (an all-reduce), so
@@ -311,7 +312,9 @@ def make_train_step(model: ViT, tx: optax.GradientTransformation, recipe, batch_
             targets = jnp.where(step < aug_steps, mixed_targets, targets)
         x = normalize(x)
         if teacher is not None:  # what the teacher makes of the same image, in eval mode
-            taught = jax.nn.softmax(teacher[0].apply({"params": teacher_params}, x))
+            said = teacher[0].apply({"params": teacher_params}, x)  # (B, K) logits
+            taught = (jax.nn.one_hot(jnp.argmax(said, -1), classes) if recipe.distill_hard
+                      else jax.nn.softmax(said))
             targets = (1 - recipe.distill) * targets + recipe.distill * jax.lax.stop_gradient(taught)
         targets = optax.smooth_labels(targets, recipe.label_smoothing)
 

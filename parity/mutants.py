@@ -188,6 +188,12 @@ MUTANTS = (
            "label_smoothing=recipe.label_smoothing)", "label_smoothing=0.0)",
            "the PyTorch trainer's loss without the recipe's label smoothing",
            "tests/test_train_step_parity.py::test_ten_training_steps_agree_between_the_trainers"),
+    Mutant("distill-hard-soft", "torchvit/train.py",
+           "taught = (F.one_hot(said.argmax(-1), classes).float() if recipe.distill_hard",
+           "taught = (said.softmax(-1) if recipe.distill_hard",
+           "the PyTorch trainer's hard-label distillation teaching the teacher's probabilities, "
+           "not its top class",
+           "tests/test_train_step_parity.py::test_distilled_targets_mix_the_label_and_the_teachers_answer_in_both_trainers"),
     Mutant("clip-twice-the-norm", "torchvit/train.py",
            "torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.grad_clip)",
            "torch.nn.utils.clip_grad_norm_(self.model.parameters(), 2 * recipe.grad_clip)",

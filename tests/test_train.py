@@ -219,6 +219,7 @@ def test_demo_run_without_data_says_so_and_writes_a_submission(tmp_path):
     (["--sam", "-0.05"], "--sam must be >= 0, got -0.05"),
     (["--distill", "1.5"], "--distill must be in [0, 1], got 1.5"),
     (["--distill", "0.5"], "--distill and --teacher go together"),
+    (["--distill-hard", "true"], "--distill-hard needs --distill > 0"),
     (["--teacher", "/no/such/teacher.safetensors", "--distill", "0.5"], "no such file"),
     (["--cutmix", "1", "--batch-size", "63"], "--batch-size must be even, got 63"),
     (["--epochs", "3", "--clean-epochs", "4"], "--clean-epochs must be in [0, --epochs (3)], got 4"),

@@ -31,6 +31,7 @@ SAM = dataclasses.replace(PLAIN, sam=0.05)
 # knowledge distillation from a teacher of another size (the twins draw their augmentations
 # from different generators, so the images are as they are)
 DISTILL = dataclasses.replace(PLAIN, distill=0.6)
+DISTILL_HARD = dataclasses.replace(DISTILL, distill_hard=True)  # DeiT's: the teacher's top class
 TEACHER_CONFIG = preset("tiny", patch_size=7, width=48)
 
 
@@ -146,8 +147,9 @@ def test_the_trainers_optimizers_agree_over_a_whole_schedule():
         np.testing.assert_allclose(torch_ema[name], flax_ema[name], atol=1e-5, err_msg=name)
 
 
-def test_distilled_targets_mix_the_label_and_the_teachers_probabilities_in_both_trainers():
-    twins = Twins(DISTILL)
+@pytest.mark.parametrize("recipe", [DISTILL, DISTILL_HARD], ids=["soft", "hard"])
+def test_distilled_targets_mix_the_label_and_the_teachers_answer_in_both_trainers(recipe):
+    twins = Twins(recipe)
     twins.step(0)  # batch 0 of the epoch's order, the images as they are
     images, labels, order = (np.asarray(a) for a in twins.flax_data)
     x = jt.normalize(jt.to_unit(jnp.asarray(images[order[:32]])))
@@ -161,8 +163,12 @@ def test_distilled_targets_mix_the_label_and_the_teachers_probabilities_in_both_
     def cross_entropy(targets):  # after label smoothing 0.1, the recipe's
         return float(-((0.9 * targets + 0.01) * log_p).sum(-1).mean())
 
-    want = cross_entropy(0.4 * y + 0.6 * np.asarray(jax.nn.softmax(teacher), np.float64))
+    probabilities = np.asarray(jax.nn.softmax(teacher), np.float64)
+    top_class = np.eye(10)[probabilities.argmax(-1)]
+    taught, other = (top_class, probabilities) if recipe.distill_hard else (probabilities, top_class)
+    want = cross_entropy(0.4 * y + 0.6 * taught)
     assert abs(want - cross_entropy(y)) > 0.01  # the teacher's share moves the loss
+    assert abs(want - cross_entropy(0.4 * y + 0.6 * other)) > 0.01  # and its kind matters
     loss_f, _, count_f = np.asarray(twins.state["totals"])
     loss_t, _, count_t = twins.trainer.totals.tolist()
     np.testing.assert_allclose([loss_f / count_f, loss_t / count_t], want, rtol=1e-5)

@@ -247,7 +247,9 @@ class Trainer:
 
         With a teacher and recipe.distill > 0, each target is (1 - distill) x the label +
         distill x the teacher's probabilities for the same image, as augmented and mixed, before
-        label smoothing (knowledge distillation, Hinton et al. 2015)."""
+        label smoothing (knowledge distillation, Hinton et al. 2015); with recipe.distill_hard,
+        the teacher's top class, one-hot, in place of its probabilities (DeiT's hard
+        distillation, Touvron et al. 2021)."""
         self.model, self.recipe, self.seed = model, recipe, seed
         self.teacher = None if teacher is None else teacher.eval().requires_grad_(False)
         self.rank, self.world = rank, world
@@ -291,10 +293,13 @@ class Trainer:
                 x, targets = mix(x, one_hot, *draw_mix(recipe, idx.shape[0], *x.shape[-2:], rows, x.device))
         x = normalize(x)
         if self.teacher is not None:  # what the teacher makes of the same image, in eval mode
+            classes = self.model.config.num_classes
             with torch.no_grad():
-                taught = self.teacher(x).float().softmax(-1)
+                said = self.teacher(x).float()  # (b, K) logits
+            taught = (F.one_hot(said.argmax(-1), classes).float() if recipe.distill_hard
+                      else said.softmax(-1))
             if targets.ndim == 1:
-                targets = F.one_hot(y, self.model.config.num_classes).float()
+                targets = F.one_hot(y, classes).float()
             targets = (1 - recipe.distill) * targets + recipe.distill * taught
 
         def loss_fn() -> tuple[Tensor, Tensor]:

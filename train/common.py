@@ -37,6 +37,7 @@ class Recipe:
     grad_clip: float = 1.0
     sam: float = 0.0  # radius rho of sharpness-aware minimization (0: off)
     distill: float = 0.0  # share of the --teacher's probabilities in each target (0: off)
+    distill_hard: bool = False  # that share is the teacher's top class, one-hot (DeiT's hard distillation)
     ema_decay: float = 0.0  # 0 turns the EMA off
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     translate: float = 2.0  # pixels, uniform in [-translate, translate] on each axis
@@ -96,6 +97,9 @@ RECIPE_HELP = {
     "distill": "knowledge distillation (Hinton et al. 2015): each training target becomes "
                "(1 - DISTILL) x its label + DISTILL x the --teacher's probabilities for the same "
                "augmented image, before label smoothing (0: off; needs --teacher)",
+    "distill_hard": "hard-label distillation (Touvron et al. 2021, DeiT): the teacher's share of "
+                    "each target is its top class for the augmented image, one-hot, not its "
+                    "probabilities (needs --distill > 0)",
     "ema_decay": "keep an exponential moving average of the weights with this decay and "
                  "evaluate it (0: off)",
     "rotate": "augmentation: max rotation in degrees (0: off)",
@@ -196,8 +200,8 @@ def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:
     """--<field> for each Recipe field (--epochs, --rotate, ...): each overrides the default's."""
     rec = p.add_argument_group(f"training recipe (defaults: {defaults})")
     for f in dataclasses.fields(Recipe):
-        rec.add_argument("--" + f.name.replace("_", "-"), type={"int": int, "float": float}[str(f.type)],
-                         default=None, help=RECIPE_HELP[f.name])
+        kind = {"int": int, "float": float, "bool": _bool}[str(f.type)]
+        rec.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=RECIPE_HELP[f.name])
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
@@ -285,6 +289,8 @@ def check_recipe(r: Recipe) -> None:
     need(r.grad_clip >= 0, f"--grad-clip must be >= 0, got {r.grad_clip}")
     need(r.sam >= 0, f"--sam must be >= 0, got {r.sam}")
     need(0 <= r.distill <= 1, f"--distill must be in [0, 1], got {r.distill}")
+    need(not r.distill_hard or r.distill > 0, "--distill-hard needs --distill > 0 (the teacher's "
+         "share of each target)")
     need(0 <= r.ema_decay < 1, f"--ema-decay must be in [0, 1), got {r.ema_decay}")
     need(0 <= r.val_fraction < 1, f"--val-fraction must be in [0, 1), got {r.val_fraction}")
     for k in WARPS:

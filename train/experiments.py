@@ -731,6 +731,12 @@ PLANS: dict[str, dict] = {
     "cpu-cnn-distill": each_with_tta([G("e44-elastic17-clean4-crop2-p6-cnnteacher",
                                         [*CROP_RECIPE, "--teacher", CNN_TEACHER, "--distill", "0.5"], s)
                                       for s in (0, 1)]),
+    # ... the same teacher, DeiT's hard way (Touvron et al. 2021, where hard distillation beat
+    # soft): half of each target the CNN's top class for the augmented image, one-hot, not its
+    # probabilities; seeds 0 and 1, paired with the recipe's and with the soft students above.
+    "cpu-cnn-hard": each_with_tta([G("e44-elastic17-clean4-crop2-p6-cnnteacher-hard",
+                                     [*CROP_RECIPE, "--teacher", CNN_TEACHER, "--distill", "0.5",
+                                      "--distill-hard", "true"], s) for s in (0, 1)]),
     # How much does the validation split itself move the score? Every number above is on one
     # split (--split-seed 0), whose 4,201 images hold five digits no model of 105 gets right
     # (train/hard_digits.py). The cropped recipe, training seed 0, on six other stratified
