@@ -36,7 +36,7 @@ class Recipe:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     sam: float = 0.0  # radius rho of sharpness-aware minimization (0: off)
-    distill: float = 0.0  # share of the --teacher's probabilities in each target (0: off)
+    distill: float = 0.0  # share of the --teacher's answer in each target (0: off)
     distill_hard: bool = False  # that share is the teacher's top class, one-hot (DeiT's hard distillation)
     ema_decay: float = 0.0  # 0 turns the EMA off
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
@@ -96,7 +96,8 @@ RECIPE_HELP = {
            "the same batch again: a second forward and backward pass a step (0: off)",
     "distill": "knowledge distillation (Hinton et al. 2015): each training target becomes "
                "(1 - DISTILL) x its label + DISTILL x the --teacher's probabilities for the same "
-               "augmented image, before label smoothing (0: off; needs --teacher)",
+               "augmented image (its top class with --distill-hard true), before label "
+               "smoothing (0: off; needs --teacher)",
     "distill_hard": "hard-label distillation (Touvron et al. 2021, DeiT): the teacher's share of "
                     "each target is its top class for the augmented image, one-hot, not its "
                     "probabilities (needs --distill > 0)",
