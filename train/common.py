@@ -201,16 +201,15 @@ def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:
     """--<field> for each Recipe field (--epochs, --rotate, ...): each overrides the default's."""
     rec = p.add_argument_group(f"training recipe (defaults: {defaults})")
     for f in dataclasses.fields(Recipe):
-        kind = {"int": int, "float": float, "bool": _bool}[str(f.type)]
-        rec.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=RECIPE_HELP[f.name])
+        rec.add_argument("--" + f.name.replace("_", "-"), type=_option_type(f), default=None,
+                         help=RECIPE_HELP[f.name])
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:
     """--<field> for each ViTConfig field (--patch-size, --spt, ...): each overrides the preset's."""
     cfg = p.add_argument_group("model config overrides (defaults: the preset)")
     for f in dataclasses.fields(ViTConfig):
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
-        cfg.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+        cfg.add_argument("--" + f.name.replace("_", "-"), type=_option_type(f), default=None,
                          help=f"ViTConfig.{f.name}")
 
 
@@ -232,6 +231,11 @@ def _count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return n
+
+
+def _option_type(field: dataclasses.Field):
+    """The argparse type of a Recipe or ViTConfig field's option (annotations are strings here)."""
+    return {"int": int, "float": float, "bool": _bool}.get(str(field.type), str)
 
 
 def _bool(text: str) -> bool:
