@@ -3,6 +3,7 @@ profiler, the start-up measurement, and the XLA:CPU flags the entry points set."
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from parity.config import preset
 from tests.helpers import ROOT, env, run_refused, run_tool, write_competition
+from train import malloc
 from train.bench import flops_per_image, markdown, pool_rounds
 
 
@@ -32,6 +34,8 @@ def test_bench_writes_rows_table_and_chart(tmp_path):
         assert r["batch"] == 8 and r["img_per_s"] > 0 and r["config"] == config.to_dict()
         assert r["flops_per_image"] == (3 if r["kind"] == "train" else 1) * flops_per_image(config)
         assert r["devices"] == (2 if r["framework"] == "flax" else 1)
+        assert r["glibc_tunables"] == (malloc.TUNABLES if malloc.wanted()  # both frameworks alike
+                                       else os.environ.get("GLIBC_TUNABLES", ""))
         if r["framework"] == "flax":  # the flags the trainer uses, recorded beside the timing
             assert "--xla_cpu_experimental_ynn_fusion_type=" in r["xla_flags"].split()
     patch = [r for r in rows if r["kind"] == "patchify"]

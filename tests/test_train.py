@@ -14,7 +14,7 @@ import pytest
 from parity import weights as W
 from parity.config import preset
 from tests.helpers import popen_trainer, trainer, write_competition
-from train import common, data
+from train import common, data, malloc
 
 FAST = ["--preset", "tiny", "--lr", "3e-3", "--batch-size", "64", "--rotate", "0",
         "--translate", "0", "--scale", "0", "--val-fraction", "0.2"]
@@ -100,6 +100,8 @@ def test_the_final_submission_trains_on_every_row_without_validation(framework, 
     env = summary["environment"]
     assert env["jax"] == version("jax") and env["torch"] == version("torch") and env["cpu_count"] >= 1
     assert env["cpu"] and env["python"].count(".") == 2 and "xla_flags" in env
+    # both trainers restart with glibc keeping XLA's step buffers, where glibc can (train/malloc.py)
+    assert env["glibc_tunables"] == (malloc.TUNABLES if malloc.wanted() else os.environ.get("GLIBC_TUNABLES", ""))
     assert set(env["cpu_isa"]) <= set(common.CPU_ISA)
     if Path("/proc/cpuinfo").is_file() and "avx2" in Path("/proc/cpuinfo").read_text():
         assert "avx2" in env["cpu_isa"]

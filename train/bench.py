@@ -35,6 +35,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+if __name__ == "__main__":  # restart with glibc keeping XLA's step buffers (train/malloc.py)
+    from train import malloc
+
+    malloc.restart()
+
 import numpy as np
 
 from jaxvit import xla_flags
@@ -298,6 +303,7 @@ def environment(framework: str) -> dict:
     return {"device": device, "backend": backend, "jax": version("jax"), "flax": version("flax"),
             "optax": version("optax"), "torch": version("torch"),
             "python": platform.python_version(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # train/malloc.py
             **({"xla_flags": xla} if framework == "flax" else {})}
 
 

@@ -746,7 +746,8 @@ def environment() -> dict[str, Any]:
             libraries[name] = None
     return {"cpu": cpu, "cpu_isa": [x for x in CPU_ISA if x in flags], "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
-            **libraries, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            **libraries, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # train/malloc.py
 
 
 def submission_weights(out: Path, best: dict[str, Any], options: dict[str, Any]) -> Path:

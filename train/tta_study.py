@@ -30,6 +30,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+if __name__ == "__main__":  # restart with glibc keeping XLA's step buffers (train/malloc.py)
+    from train import malloc
+
+    malloc.restart()
+
 import numpy as np
 
 from jaxvit import xla_flags
