@@ -20,7 +20,8 @@ the process (os.execv: the same pid, arguments and open files) with a fresh inte
 before the heavy imports. It does nothing where it cannot help or was told not to: not Linux,
 not glibc, glibc older than 2.35 (no hugetlb tunable), a GLIBC_TUNABLES the user set,
 VIT_MALLOC_DEFAULTS=0. Speed only: the arithmetic, and so every result, is the same with or
-without it.
+without it. The price is memory: what glibc keeps stays with the process (the README's
+one-command run peaked at 1.41 GB against 0.93 GB without).
 """
 
 from __future__ import annotations
