@@ -17,9 +17,9 @@ needs_glibc = pytest.mark.skipif(GLIBC is None or GLIBC < malloc.MIN_GLIBC or no
 # three times. The minor page faults of the last round say whether the kernel had to map and
 # zero the block again.
 ROUNDS = """
-import ctypes, resource, sys
+import ctypes, os, resource
 from train import malloc
-print("pid", __import__("os").getpid(), __import__("os").environ.get("GLIBC_TUNABLES"), flush=True)
+print("pid", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
 malloc.restart()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
