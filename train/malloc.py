@@ -1,12 +1,12 @@
 """glibc's malloc told to keep the blocks it frees: the entry points restart once with it.
 
 Why (measured; docs/speed.md, "The page faults: glibc hands XLA's step buffers back"): XLA:CPU
-allocates each step's temporary buffers afresh, one block a device (on `small`, 35 MB at
-32 images a device, 67.5 MB at 64), and frees them when the step ends. glibc serves every
+allocates each step's temporary buffers afresh, one block a device (on `small`, 32.7 MiB at
+31 images a device, 67.5 MiB at 64), and frees them when the step ends. glibc serves every
 block above its mmap threshold (32 MiB at most) with a fresh mmap and hands it back with
 munmap, so each step the kernel maps and zeroes the memory again, 4 KiB page by 4 KiB page:
-17,000 page faults a step at batch 64 on two devices, 35,000 at batch 128, and a step up to
-1.5x slower. Three glibc tunables stop it:
+17,000 page faults a step at batch 64 on two devices, 35,000 at batch 128, where Flax's step
+ran 1.45-1.67x slower than with the tunables. Three glibc tunables stop it:
 
 - `glibc.malloc.mmap_max=0`: no block from mmap; malloc's own heaps serve them (up to 64 MiB
   in a thread's heap), and a freed block is there for the next step;
